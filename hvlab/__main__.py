@@ -1,0 +1,3 @@
+from hvlab.cli import main
+
+raise SystemExit(main())

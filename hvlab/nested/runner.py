@@ -1,0 +1,179 @@
+"""The nested runner: run a command inside an L1 VM (QEMU TCG with nested SVM) where KVM works.
+
+Why: /dev/kvm may be missing (many CI machines) or unable to run stock guests (kvm_pvm here).  QEMU's TCG
+emulates an AMD CPU with SVM and nested paging, so KVM (kvm_amd) loads inside the L1 VM and runs stock
+guests as L2.  The L1 sees the host's filesystem at the same paths (host root over 9p, read-only, under a
+tmpfs overlay; chosen directories writable over their own 9p shares), runs the same command, and hands
+back stdout, stderr and the exit status.  Starting Python over 9p is slow (seconds), so callers should run
+one long-lived command per L1 (a whole test session, a whole ``hvlab boot``) rather than many short ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvlab import paths, progress
+from hvlab.errors import HvlabError, KvmUnusable
+
+FILES = Path(__file__).parent / "files"
+L1_KERNEL = "l1-6.12"
+L1_MODULES = ["virtio_pci", "9p", "9pnet_virtio", "overlay", "kvm_amd"]
+L1_OPTIONAL_MODULES = ["virtio_console", "tun", "veth", "bridge", "af_packet", "vhost_net"]
+# Environment variables carried into L1: what decides how Python and hvlab behave, nothing session-bound.
+ENV_PASS_PREFIXES = ("HVLAB_", "PYTHON", "PYTEST", "VIRTUAL_ENV", "PYENV", "CI", "COLUMNS", "LANG", "LC_")
+ENV_PASS = ("PATH", "HOME", "USER", "LOGNAME", "TERM", "TZ", "XDG_CACHE_HOME")
+IN_L1_ENV = "HVLAB_IN_L1"
+QEMU = "qemu-system-x86_64"
+
+
+@dataclass
+class NestedConfig:
+    """How to build the L1 VM.  Memory must hold the L2 guests plus the tmpfs overlay's writes."""
+
+    memory_mb: int = 6144
+    cpus: int = 2
+    timeout: float = 3600.0
+    writable: list[Path] = field(default_factory=list)
+    keep_dir: Path | None = None
+
+
+def qemu_binary() -> str | None:
+    return shutil.which(QEMU)
+
+
+def in_l1() -> bool:
+    """Whether this process already runs inside the nested runner's L1 (no recursion)."""
+    return os.environ.get(IN_L1_ENV) == "1"
+
+
+def _l1_kit() -> tuple[Path, Path]:
+    """The L1 kernel and its initramfs (fetched and built once, then cached)."""
+    from hvlab.guest import initramfs, kernels
+
+    kernel = kernels.fetch(L1_KERNEL)
+    init = (FILES / "l1-init").read_text()
+    initrd = initramfs.build(kernel, modules=L1_MODULES, optional_modules=L1_OPTIONAL_MODULES, init=init)
+    return kernel.vmlinuz, initrd
+
+
+def _command_script(argv: list[str], cwd: str, env: dict[str, str]) -> str:
+    lines = ["# written by hvlab's nested runner", "set -e"]
+    keep = {k: v for k, v in env.items() if k in ENV_PASS or k.startswith(ENV_PASS_PREFIXES)}
+    keep[IN_L1_ENV] = "1"
+    lines.append("unset $(env | sed -n 's/=.*//p') 2>/dev/null || true")
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(keep.items())]
+    lines.append(f"cd {shlex.quote(cwd)}")
+    lines.append("set +e")
+    lines.append(shlex.join(argv))
+    return "\n".join(lines) + "\n"
+
+
+class _Tail(threading.Thread):
+    """Copy a file QEMU's serial port writes to one of our streams, as it grows."""
+
+    def __init__(self, path: Path, out) -> None:
+        super().__init__(daemon=True)
+        self.path, self.out = path, out
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        sink = self.out.buffer if hasattr(self.out, "buffer") else self.out
+        with open(self.path, "rb") as f:
+            while True:
+                chunk = f.read(65536)
+                if chunk:
+                    sink.write(chunk)
+                    sink.flush()
+                    continue
+                if self.stop.is_set():
+                    return
+                time.sleep(0.05)
+
+
+@dataclass
+class NestedResult:
+    returncode: int
+    console_log: Path
+    seconds: float
+
+
+def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=None, stderr=None) -> NestedResult:
+    """Run ``argv`` inside a fresh L1 VM; stream its output to ``stdout``/``stderr`` (default: ours)."""
+    config = config or NestedConfig()
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    qemu = qemu_binary()
+    if qemu is None:
+        raise KvmUnusable(f"the nested runner needs {QEMU} (Debian: apt-get install qemu-system-x86)")
+    t0 = time.monotonic()
+    vmlinuz, initrd = _l1_kit()
+    xchg = Path(tempfile.mkdtemp(prefix="hvlab-l1-", dir=config.keep_dir))
+    writable = [paths.cache_dir(), *config.writable]
+    shares = []
+    args = [qemu, "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt", "-smp", str(config.cpus),
+            "-m", str(config.memory_mb), "-nodefaults", "-display", "none", "-no-reboot",
+            "-kernel", str(vmlinuz), "-initrd", str(initrd),
+            "-append", "console=ttyS0 quiet panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1",
+            "-serial", f"file:{xchg / 'console.log'}",
+            "-serial", f"file:{xchg / 'stdout'}",
+            "-serial", f"file:{xchg / 'stderr'}",
+            "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            "-virtfs", f"local,path={xchg},mount_tag=xchg,security_model=none,multidevs=remap"]
+    for i, path in enumerate(dict.fromkeys(p.resolve() for p in writable)):
+        path.mkdir(parents=True, exist_ok=True)
+        tag = f"rw{i}"
+        shares.append(f"{tag} {path}")
+        args += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"]
+    (xchg / "shares").write_text("\n".join(shares) + "\n")
+    (xchg / "command.sh").write_text(_command_script(argv, os.getcwd(), dict(os.environ)))
+    for name in ("stdout", "stderr", "console.log"):
+        (xchg / name).touch()
+    progress.say(f"starting L1 VM (QEMU TCG, nested SVM, {config.cpus} vCPUs, {config.memory_mb} MiB)")
+    tails = [_Tail(xchg / "stdout", stdout), _Tail(xchg / "stderr", stderr)]
+    for t in tails:
+        t.start()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    interrupted = timed_out = False
+    try:
+        proc.wait(timeout=config.timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for t in tails:
+            t.stop.set()
+        for t in tails:
+            t.join(timeout=5)
+    qemu_out = proc.stdout.read().decode(errors="replace").strip() if proc.stdout else ""
+    console = xchg / "console.log"
+    seconds = time.monotonic() - t0
+    if interrupted:
+        raise KeyboardInterrupt
+    if timed_out:
+        raise HvlabError(f"the L1 VM did not finish within {config.timeout:.0f} s and was killed; "
+                         f"its console log: {console}")
+    status_file = xchg / "exit-status"
+    if not status_file.exists():
+        tail = console.read_text(errors="replace").strip().splitlines()[-15:]
+        raise HvlabError("the L1 VM stopped without running the command to its end "
+                         f"(QEMU exit {proc.returncode}{': ' + qemu_out if qemu_out else ''}); "
+                         f"console log {console}:\n" + "\n".join(tail))
+    rc = int(status_file.read_text().strip() or 255)
+    if config.keep_dir is None and rc == 0:
+        shutil.rmtree(xchg, ignore_errors=True)
+    return NestedResult(rc, console, seconds)

@@ -1,0 +1,163 @@
+"""hvlab's pytest plugin: KVM tests run where KVM works, in one shared L1 VM when it must be nested.
+
+Tests marked ``kvm`` need a KVM that runs stock guests.  Where this machine has one they simply run.
+Where it does not, the plugin collects every selected ``kvm`` test, starts *one* nested-runner L1 VM
+running ``pytest`` on exactly those node ids, and replays that session's reports here, test by test, as
+if they had run locally (the way pytest-xdist replays its workers' reports).  One L1 per session keeps
+the seconds-long Python start-up inside L1 to a single payment.
+
+Options: ``--hvlab-nested=auto|always|never`` (``never`` skips KVM tests that cannot run natively).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_REPORT_OPT = "--hvlab-report"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hvlab")
+    group.addoption("--hvlab-nested", choices=["auto", "always", "never"], default=None,
+                    help="run kvm tests through the nested runner: auto (when KVM here cannot), always, never")
+    group.addoption(_REPORT_OPT, default=None, help=argparse_suppress())
+    group.addoption("--hvlab-l1-timeout", type=float, default=3000.0,
+                    help="seconds the shared L1 VM may take for all kvm tests (default 3000)")
+
+
+def argparse_suppress() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "kvm: needs a KVM that runs stock guests (native or nested)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    path = config.getoption(_REPORT_OPT)
+    if path:
+        config.pluginmanager.register(_RemoteReporter(config, Path(path)), "hvlab-remote-reporter")
+
+
+class _RemoteReporter:
+    """Inside L1: write every test report as a JSON line for the host session to replay."""
+
+    def __init__(self, config: pytest.Config, path: Path) -> None:
+        self.config = config
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 (closed at session end)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = self.config.hook.pytest_report_to_serializable(config=self.config, report=report)
+        self.file.write(json.dumps(data) + "\n")
+
+    def pytest_sessionfinish(self) -> None:
+        self.file.close()
+
+
+class _NestedBatch:
+    """On the host: run all kvm tests in one L1 VM, then replay their reports."""
+
+    def __init__(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        self.config = config
+        self.items = items
+        self.reports: dict[str, list[dict]] | None = None
+        self.failure: str | None = None
+
+    def run(self) -> None:
+        from hvlab.errors import HvlabError
+        from hvlab.nested.runner import NestedConfig, run_nested
+
+        workdir = Path(tempfile.mkdtemp(prefix="hvlab-pytest-"))
+        report_file = workdir / "reports.jsonl"
+        log_file = workdir / "l1-pytest.log"
+        nodeids = [item.nodeid for item in self.items]
+        (workdir / "nodeids").write_text("\n".join(nodeids) + "\n")
+        rootdir = str(self.config.rootpath)
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "addopts=",
+                "--rootdir", rootdir, _REPORT_OPT, str(report_file), *nodeids]
+        tw = self.config.get_terminal_writer()
+        tw.line()
+        tw.line(f"hvlab: running {len(nodeids)} kvm test(s) in one nested-runner L1 VM "
+                f"(log: {log_file})", bold=True)
+        old = os.getcwd()
+        try:
+            os.chdir(rootdir)
+            with open(log_file, "w") as log:
+                result = run_nested(argv, NestedConfig(timeout=self.config.getoption("--hvlab-l1-timeout"),
+                                                       writable=[workdir]), stdout=log, stderr=log)
+            tw.line(f"hvlab: L1 session finished in {result.seconds:.0f} s (exit {result.returncode})")
+        except HvlabError as exc:
+            self.failure = f"the nested runner failed: {exc}"
+        finally:
+            os.chdir(old)
+        self.reports = {}
+        if report_file.exists():
+            for line in report_file.read_text().splitlines():
+                data = json.loads(line)
+                self.reports.setdefault(data["nodeid"], []).append(data)
+        if self.failure is None and len(self.reports) < len(nodeids):
+            tail = log_file.read_text(errors="replace").splitlines()[-40:] if log_file.exists() else []
+            self.failure = "the L1 pytest session ended without reporting this test; its output:\n" + "\n".join(tail)
+
+    def replay(self, item: pytest.Item) -> None:
+        if self.reports is None:
+            self.run()
+        ihook = item.ihook
+        ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        datas = self.reports.get(item.nodeid, []) if self.reports is not None else []
+        if datas:
+            for data in datas:
+                report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
+                ihook.pytest_runtest_logreport(report=report)
+        else:
+            report = pytest.TestReport(item.nodeid, item.location, {}, "failed",
+                                       self.failure or "no report from the L1 session", "call", [])
+            ihook.pytest_runtest_logreport(report=report)
+        ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+
+_batch_key = pytest.StashKey[_NestedBatch]()
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    kvm_items = [i for i in items if i.get_closest_marker("kvm")]
+    if not kvm_items or config.getoption(_REPORT_OPT):
+        return
+    from hvlab.nested import runner
+
+    if runner.in_l1():
+        return
+    mode = config.getoption("--hvlab-nested") or os.environ.get("HVLAB_NESTED", "auto")
+    if mode == "always":
+        where = "nested" if runner.qemu_binary() else "none"
+        reason = "HVLAB_NESTED=always but qemu-system-x86_64 is missing"
+    else:
+        from hvlab import placement
+
+        verdict = placement.kvm_verdict()
+        if verdict.usable:
+            return
+        reason = f"KVM cannot run stock guests here ({verdict.reason})"
+        where = "nested" if mode == "auto" and runner.qemu_binary() else "none"
+    if where == "none":
+        state = "disabled" if mode == "never" else "unavailable"
+        skip = pytest.mark.skip(reason=f"{reason}; the nested runner is {state}")
+        for item in kvm_items:
+            item.add_marker(skip)
+        return
+    config.stash[_batch_key] = _NestedBatch(config, kvm_items)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool | None:
+    batch = item.config.stash.get(_batch_key, None)
+    if batch is None or item not in batch.items:
+        return None
+    batch.replay(item)
+    return True
