@@ -74,3 +74,23 @@ def choose() -> str:
         raise KvmUnusable(f"KVM cannot run stock guests here ({verdict.reason}), and the nested runner "
                           "needs qemu-system-x86_64 (Debian: apt-get install qemu-system-x86)")
     return "nested"
+
+
+def reexec_nested_if_needed(argv: list[str], **config) -> int | None:
+    """Run this very hvlab command inside the nested runner when KVM here cannot run guests.
+
+    Returns the nested command's exit status, or None when the caller should go on natively.  Call it
+    after everything that needs the network (kernel fetches) is done: L1 has no network, but it sees
+    hvlab's cache.
+    """
+    import sys
+
+    from hvlab import progress
+
+    if choose() == "native":
+        return None
+    from hvlab.nested.runner import NestedConfig, run_nested
+
+    progress.say("KVM here cannot run stock guests: running this command in the nested runner's L1 VM")
+    result = run_nested([sys.executable, "-m", "hvlab", *argv], NestedConfig(**config))
+    return result.returncode

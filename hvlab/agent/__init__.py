@@ -1,0 +1,1 @@
+"""The guest agent: the host runs commands and moves files in the guest over a dedicated serial port."""

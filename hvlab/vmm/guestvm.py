@@ -1,0 +1,226 @@
+"""A booted hvlab guest: machine + legacy devices + ACPI + initramfs + agent, with a per-run directory.
+
+This is what ``hvlab boot`` and the pytest fixtures use: ``with GuestVM(config) as vm: vm.wait_ready();
+vm.agent.run("uname -r")``.  Every run gets ``<runs>/<time>-<kernel>/`` with the complete console log
+(the console is quiet by default because every console byte is a KVM exit) and ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hvlab import paths, progress
+from hvlab.agent.host import FILES as AGENT_FILES
+from hvlab.agent.host import Agent
+from hvlab.errors import GuestError, HvlabError
+from hvlab.vmm import layout as L
+from hvlab.vmm.acpi import build_acpi_tables
+from hvlab.vmm.devices.cmos import Cmos
+from hvlab.vmm.devices.power import PmDevice, ResetPort
+from hvlab.vmm.devices.uart import Uart16550
+from hvlab.vmm.machine import Machine, MachineConfig, StopReason
+
+PANIC_MARK = b"Kernel panic - not syncing"
+EXIT_PANIC = 6
+EXIT_VMM_ERROR = 7
+
+
+class GuestPanic(GuestError):
+    exit_code = EXIT_PANIC
+
+
+class VmmFailure(HvlabError):
+    exit_code = EXIT_VMM_ERROR
+
+
+@dataclass
+class GuestVMConfig:
+    kernel: object  # hvlab.guest.kernels.Kernel
+    smp: int = 2
+    mem_mb: int = 1024
+    append: str = ""
+    verbose: bool = False
+    boot_timeout: float = 300.0
+    extra_modules: list[str] = field(default_factory=list)
+    console_echo: object | None = None  # a binary stream that also gets the console (verbose/interactive)
+
+
+class Console:
+    """The guest console (ttyS0): always to console.log; optionally echoed; the tail kept for panics."""
+
+    def __init__(self, path: Path, echo=None) -> None:
+        self.file = open(path, "wb")  # noqa: SIM115 (closed by GuestVM.close)
+        self.echo = echo
+        self.tail = bytearray()
+        self.lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            self.file.write(data)
+            self.tail += data
+            if len(self.tail) > 65536:
+                del self.tail[:-32768]
+            if data.endswith(b"\n"):
+                self.file.flush()
+        if self.echo is not None:
+            self.echo.write(data)
+            self.echo.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            self.file.close()
+
+
+class GuestVM:
+    """Boot a guest and talk to it.  Use as a context manager so the VM always ends."""
+
+    def __init__(self, config: GuestVMConfig) -> None:
+        from hvlab.guest import initramfs
+
+        self.config = config
+        kernel = config.kernel
+        t0 = time.monotonic()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.run_dir = paths.runs_dir() / f"{stamp}-{kernel.label}-{int(t0 * 1000) % 100000}"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with progress.step(f"building the initramfs for {kernel.label} ({kernel.release})"):
+            self.initrd = initramfs.build_guest_initramfs(
+                kernel, extra_modules=config.extra_modules,
+                files={"/hvlab/agent": (AGENT_FILES / "hvlab-agent").read_bytes()})
+        cmdline = "console=ttyS0 panic=-1 reboot=acpi"
+        if not config.verbose:
+            cmdline += " quiet loglevel=3"
+        if config.append:
+            cmdline += " " + config.append
+        self.machine = Machine(MachineConfig(kernel=kernel.vmlinuz, initrd=self.initrd, cmdline=cmdline,
+                                             mem_mb=config.mem_mb, smp=config.smp))
+        m = self.machine
+        self.console = Console(self.run_dir / "console.log", config.console_echo)
+        self.uart0 = Uart16550(L.COM1_PORT, on_output=self.console.write,
+                               set_irq=lambda level: m.irq_line(L.COM1_IRQ, level))
+        self.agent = Agent(self._agent_send, alive=lambda: not m.stopped)
+        self.uart1 = Uart16550(L.COM2_PORT, on_output=self.agent.on_output,
+                               set_irq=lambda level: m.irq_line(L.COM2_IRQ, level))
+        self.pm = PmDevice(on_power_off=lambda: m.stop(StopReason("poweroff", "ACPI S5")),
+                           set_sci=lambda level: m.irq_line(L.SCI_IRQ, level))
+        self.reset_port = ResetPort(on_reset=lambda: m.stop(StopReason("reset", "reset register")))
+        for dev in (self.uart0, self.uart1, Cmos(), self.pm, self.reset_port):
+            for r in dev.port_ranges:
+                m.add_io_device(r.start, len(r), dev)
+        tables = build_acpi_tables(n_cpus=config.smp)
+        m.load(tables.blob)
+        self.meta: dict = {"kernel": kernel.label, "release": kernel.release, "cmdline": cmdline,
+                           "smp": config.smp, "mem_mb": config.mem_mb}
+        self.t_start = time.monotonic()
+        m.start()
+        self.t_ready: float | None = None
+
+    def _agent_send(self, data: bytes) -> None:
+        with self.machine.lock:
+            self.uart1.feed(data)
+
+    def wait_ready(self) -> float:
+        """Wait for the agent; returns seconds from VM start.  Raises GuestPanic/VmmFailure/GuestError."""
+        if self.t_ready is None:
+            try:
+                self.agent.wait_ready(self.config.boot_timeout)
+            except GuestError:
+                self._raise_if_dead()
+                raise
+            self.t_ready = time.monotonic() - self.t_start
+            progress.say(f"guest ready in {self.t_ready:.1f} s ({self.machine.stats.total()} exits to user space)")
+        return self.t_ready
+
+    def stop_reason(self) -> StopReason | None:
+        if not self.machine.stopped:
+            return None
+        reason = self.machine.wait(0)
+        if reason is not None and PANIC_MARK in self.console.tail and reason.kind in ("reset", "triple-fault",
+                                                                                      "panic", "poweroff"):
+            start = self.console.tail.find(PANIC_MARK)
+            return StopReason("panic", self.console.tail[start:start + 200].decode(errors="replace").strip())
+        return reason
+
+    def _raise_if_dead(self) -> None:
+        reason = self.stop_reason()
+        if reason is None:
+            return
+        if reason.kind == "panic":
+            raise GuestPanic(f"the guest kernel panicked: {reason.detail} (console: {self.run_dir / 'console.log'})")
+        if reason.kind in ("error", "triple-fault"):
+            raise VmmFailure(f"the VM failed: {reason.detail} (console: {self.run_dir / 'console.log'})")
+        raise GuestError(f"the guest stopped ({reason.kind}: {reason.detail})")
+
+    def run(self, command: str, timeout: float = 60.0):
+        """Run a shell command in the guest (see hvlab.agent.host.Agent.run)."""
+        try:
+            return self.agent.run(command, timeout=timeout)
+        except GuestError:
+            self._raise_if_dead()
+            raise
+
+    def shutdown(self, timeout: float = 10.0) -> StopReason:
+        """Power the guest off (through the agent for now) and wait for the VM to end."""
+        if not self.machine.stopped:
+            self.agent.fire("poweroff -f")
+            if self.machine.wait(timeout) is None:
+                self.machine.stop(StopReason("stopped", f"guest did not power off within {timeout:.0f} s"))
+        return self.stop_reason() or StopReason("stopped")
+
+    def interactive(self) -> int:
+        """Console on this terminal until the guest powers off (Ctrl-] ends it)."""
+        import os
+        import select
+        import termios
+        import tty
+
+        fd = sys.stdin.fileno()
+        old = termios.tcgetattr(fd) if os.isatty(fd) else None
+        self.console.echo = sys.stdout.buffer
+        sys.stdout.buffer.write(self.console.tail)
+        sys.stdout.flush()
+        try:
+            if old is not None:
+                tty.setraw(fd)
+            while not self.machine.stopped:
+                r, _, _ = select.select([fd], [], [], 0.2)
+                if r:
+                    data = os.read(fd, 1024)
+                    if not data or b"\x1d" in data:
+                        break
+                    with self.machine.lock:
+                        self.uart0.feed(data)
+        finally:
+            if old is not None:
+                termios.tcsetattr(fd, termios.TCSADRAIN, old)
+        reason = self.stop_reason()
+        if reason is None:
+            self.machine.stop(StopReason("stopped", "console closed"))
+            return 0
+        return {"poweroff": 0, "panic": EXIT_PANIC}.get(reason.kind, EXIT_VMM_ERROR)
+
+    def close(self) -> None:
+        if not self.machine.stopped:
+            self.machine.stop(StopReason("stopped", "closed by host"))
+        reason = self.stop_reason()
+        self.meta.update({
+            "stop": {"kind": reason.kind, "detail": reason.detail} if reason else None,
+            "ready_seconds": self.t_ready,
+            "run_seconds": time.monotonic() - self.t_start,
+            "exits": dict(self.machine.stats.by_kind),
+            "exits_by_port": {hex(k): v for k, v in self.machine.stats.by_port.most_common(20)},
+        })
+        (self.run_dir / "meta.json").write_text(json.dumps(self.meta, indent=2))
+        self.machine.close()
+        self.console.close()
+
+    def __enter__(self) -> GuestVM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
