@@ -27,6 +27,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hvlab-nested", choices=["auto", "always", "never"], default=None,
                     help="run kvm tests through the nested runner: auto (when KVM here cannot), always, never")
     group.addoption(_REPORT_OPT, default=None, help=argparse_suppress())
+    group.addoption("--hvlab-kernels", default="6.1,6.12,7.3",
+                    help="kernel labels to fetch before kvm tests run in L1, which has no network "
+                         "(default 6.1,6.12,7.3)")
     group.addoption("--hvlab-l1-timeout", type=float, default=3000.0,
                     help="seconds the shared L1 VM may take for all kvm tests (default 3000)")
 
@@ -71,7 +74,14 @@ class _NestedBatch:
 
     def run(self) -> None:
         from hvlab.errors import HvlabError
+        from hvlab.guest import kernels
         from hvlab.nested.runner import NestedConfig, run_nested
+
+        for label in filter(None, self.config.getoption("--hvlab-kernels").split(",")):
+            try:
+                kernels.fetch(label.strip())
+            except HvlabError as exc:
+                self.config.get_terminal_writer().line(f"hvlab: could not fetch kernel {label}: {exc}")
 
         workdir = Path(tempfile.mkdtemp(prefix="hvlab-pytest-"))
         report_file = workdir / "reports.jsonl"
@@ -161,3 +171,27 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return None
     batch.replay(item)
     return True
+
+
+@pytest.fixture
+def hvlab_guest():
+    """Factory: ``vm = hvlab_guest("6.12", smp=2)`` boots a guest and waits for its agent; every guest
+    booted through it is powered off at teardown.  Only for ``kvm``-marked tests."""
+    from hvlab.guest import kernels
+    from hvlab.vmm.guestvm import GuestVM, GuestVMConfig
+
+    vms = []
+
+    def boot(kernel: str = "6.12", **options):
+        k = kernels.resolve(kernel, fetch_missing=False)
+        vm = GuestVM(GuestVMConfig(kernel=k, **options))
+        vms.append(vm)
+        vm.wait_ready()
+        return vm
+
+    yield boot
+    for vm in vms:
+        try:
+            vm.shutdown(timeout=5)
+        finally:
+            vm.close()

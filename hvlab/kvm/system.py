@@ -265,6 +265,9 @@ class Vcpu:
         xcrs.xcrs[0] = abi.kvm_xcr(xcr=0, value=xcr0)
         self._ioctl(abi.KVM_SET_XCRS, xcrs, "KVM_SET_XCRS")
 
+    def tsc_khz(self) -> int:
+        return self._ioctl(abi.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+
     def io_data(self) -> memoryview:
         """The data bytes of the current KVM_EXIT_IO (size * count bytes inside the kvm_run mapping)."""
         io = self.run_struct.exit.io

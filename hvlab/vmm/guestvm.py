@@ -112,6 +112,9 @@ class GuestVM:
         for dev in (self.uart0, self.uart1, Cmos(), self.pm, self.reset_port):
             for r in dev.port_ranges:
                 m.add_io_device(r.start, len(r), dev)
+        from hvlab.hyperv.platform import HypervPlatform
+
+        self.hyperv = HypervPlatform(m)
         tables = build_acpi_tables(n_cpus=config.smp)
         m.load(tables.blob)
         self.meta: dict = {"kernel": kernel.label, "release": kernel.release, "cmdline": cmdline,

@@ -79,6 +79,8 @@ class Machine:
         self.lock = threading.RLock()
         self.stats = ExitStats()
         self.msr_handler: MsrHandler | None = None
+        # ports whose OUT handlers need the vCPU (its registers): the Hyper-V hypercall ports
+        self.vcpu_io: dict[int, Callable[[Vcpu, int], None]] = {}
         self.extra_cpuid: list[abi.kvm_cpuid_entry2] = []
         self._stop = threading.Event()
         self._stop_reason: StopReason | None = None
@@ -118,7 +120,7 @@ class Machine:
         for index in range(self.config.smp):
             vcpu = self.vm.create_vcpu(index)
             vcpu.set_cpuid(guest_cpuid(supported, index, self.extra_cpuid))
-            vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING})
+            vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING, **image.entry.msrs})
             fpu = abi.kvm_fpu(fcw=0x37F, mxcsr=0x1F80)
             vcpu.set_fpu(fpu)
             if index == 0:
@@ -192,7 +194,10 @@ class Machine:
                     data = vcpu.io_data()
                     size = io.size
                     with self.lock:
-                        if io.direction == abi.KVM_EXIT_IO_OUT:
+                        handler = self.vcpu_io.get(io.port)
+                        if handler is not None and io.direction == abi.KVM_EXIT_IO_OUT:
+                            handler(vcpu, int.from_bytes(data[:size], "little"))
+                        elif io.direction == abi.KVM_EXIT_IO_OUT:
                             for i in range(io.count):
                                 self.io.write(io.port, size, int.from_bytes(data[i * size:(i + 1) * size], "little"))
                         else:
