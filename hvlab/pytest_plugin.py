@@ -89,7 +89,7 @@ class _NestedBatch:
         nodeids = [item.nodeid for item in self.items]
         (workdir / "nodeids").write_text("\n".join(nodeids) + "\n")
         rootdir = str(self.config.rootpath)
-        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-o", "addopts=",
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--color=no", "-o", "addopts=",
                 "--rootdir", rootdir, _REPORT_OPT, str(report_file), *nodeids]
         tw = self.config.get_terminal_writer()
         tw.line()

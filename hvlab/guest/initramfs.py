@@ -356,7 +356,9 @@ def build_guest_initramfs(kernel: Kernel, extra_modules: Iterable[str] = (),
                           files: dict[str, bytes] | None = None) -> Path:
     """The default hvlab guest: Hyper-V drivers (+ hv_utils, vmxnet3 if present), hvlab's init and agent."""
     require_drivers(kernel)
-    all_files = {"/hvlab/agent": guest_file("agent").encode()}
+    from hvlab.agent.host import FILES as AGENT_FILES
+
+    all_files = {"/hvlab/agent": (AGENT_FILES / "hvlab-agent").read_bytes()}
     all_files.update(files or {})
     return build(kernel, modules=[*GUEST_MODULES, *extra_modules], init=guest_file("init"),
                  files=all_files, optional_modules=GUEST_OPTIONAL_MODULES)

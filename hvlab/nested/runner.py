@@ -120,7 +120,10 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     xchg = Path(tempfile.mkdtemp(prefix="hvlab-l1-", dir=config.keep_dir))
     writable = [paths.cache_dir(), *config.writable]
     shares = []
-    args = [qemu, "-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm,+npt", "-smp", str(config.cpus),
+    # thread=single: with multi-threaded TCG (QEMU 7.2), L1's live kernel patching (static keys toggled
+    # by KVM while guests run) raced with the other vCPU, which then hit the patch's INT3: an oops in
+    # kvm_arch_vcpu_ioctl_run on the second guest of a session.  Single-threaded TCG has no such race.
+    args = [qemu, "-accel", "tcg,thread=single", "-cpu", "EPYC,+svm,+npt", "-smp", str(config.cpus),
             "-m", str(config.memory_mb), "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(vmlinuz), "-initrd", str(initrd),
             "-append", "console=ttyS0 quiet panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1",
@@ -142,7 +145,8 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     tails = [_Tail(xchg / "stdout", stdout), _Tail(xchg / "stderr", stderr)]
     for t in tails:
         t.start()
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    qemu_log = open(xchg / "qemu.log", "wb")  # noqa: SIM115 (closed below; a pipe could fill and block QEMU)
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
                             start_new_session=True)
     interrupted = timed_out = False
     try:
@@ -159,7 +163,10 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
             t.stop.set()
         for t in tails:
             t.join(timeout=5)
-    qemu_out = proc.stdout.read().decode(errors="replace").strip() if proc.stdout else ""
+        qemu_log.close()
+    # QEMU warns about every EPYC feature TCG lacks; keep only real errors for the message
+    qemu_out = "\n".join(line for line in (xchg / "qemu.log").read_text(errors="replace").splitlines()
+                          if "TCG doesn't support requested feature" not in line).strip()
     console = xchg / "console.log"
     seconds = time.monotonic() - t0
     if interrupted:

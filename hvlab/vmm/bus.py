@@ -41,12 +41,17 @@ class Bus:
         self._starts.insert(i, start)
         self._entries.insert(i, (start, length, device))
 
+    def add(self, device: object) -> None:
+        """Register a device over every range in its ``port_ranges`` (the device models' convention)."""
+        for r in device.port_ranges:  # type: ignore[attr-defined]
+            self.register(r.start, len(r), device)
+
     def unregister(self, start: int) -> None:
         i = self._starts.index(start)
         del self._starts[i]
         del self._entries[i]
 
-    def find(self, addr: int) -> object | None:
+    def device_at(self, addr: int) -> object | None:
         i = bisect.bisect_right(self._starts, addr) - 1
         if i >= 0:
             start, length, device = self._entries[i]
@@ -60,18 +65,18 @@ class IoBus(Bus):
         super().__init__("port I/O")
 
     def read(self, port: int, size: int) -> int:
-        dev = self.find(port)
+        dev = self.device_at(port)
         if dev is None:
             self.unclaimed[port] += 1
             return (1 << (8 * size)) - 1
         return dev.io_read(port, size)  # type: ignore[attr-defined]
 
     def write(self, port: int, size: int, value: int) -> None:
-        dev = self.find(port)
+        dev = self.device_at(port)
         if dev is None:
             self.unclaimed[port] += 1
             return
-        dev.io_write(port, size, value)  # type: ignore[attr-defined]
+        dev.io_write(port, size, value & ((1 << (8 * size)) - 1))  # type: ignore[attr-defined]
 
 
 class MmioBus(Bus):
@@ -79,14 +84,14 @@ class MmioBus(Bus):
         super().__init__("MMIO")
 
     def read(self, addr: int, size: int) -> int:
-        dev = self.find(addr)
+        dev = self.device_at(addr)
         if dev is None:
             self.unclaimed[addr] += 1
             return (1 << (8 * size)) - 1
         return dev.mmio_read(addr, size)  # type: ignore[attr-defined]
 
     def write(self, addr: int, size: int, value: int) -> None:
-        dev = self.find(addr)
+        dev = self.device_at(addr)
         if dev is None:
             self.unclaimed[addr] += 1
             return

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hvlab import paths, progress
-from hvlab.agent.host import FILES as AGENT_FILES
 from hvlab.agent.host import Agent
 from hvlab.errors import GuestError, HvlabError
 from hvlab.vmm import layout as L
@@ -90,8 +89,7 @@ class GuestVM:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with progress.step(f"building the initramfs for {kernel.label} ({kernel.release})"):
             self.initrd = initramfs.build_guest_initramfs(
-                kernel, extra_modules=config.extra_modules,
-                files={"/hvlab/agent": (AGENT_FILES / "hvlab-agent").read_bytes()})
+                kernel, extra_modules=config.extra_modules)
         cmdline = "console=ttyS0 panic=-1 reboot=acpi"
         if not config.verbose:
             cmdline += " quiet loglevel=3"
@@ -110,8 +108,7 @@ class GuestVM:
                            set_sci=lambda level: m.irq_line(L.SCI_IRQ, level))
         self.reset_port = ResetPort(on_reset=lambda: m.stop(StopReason("reset", "reset register")))
         for dev in (self.uart0, self.uart1, Cmos(), self.pm, self.reset_port):
-            for r in dev.port_ranges:
-                m.add_io_device(r.start, len(r), dev)
+            m.add_io_device(dev)
         from hvlab.hyperv.platform import HypervPlatform
 
         self.hyperv = HypervPlatform(m)

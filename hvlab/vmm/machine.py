@@ -94,8 +94,9 @@ class Machine:
 
     # --- set-up ------------------------------------------------------------------------------------------
 
-    def add_io_device(self, start: int, length: int, device: object) -> None:
-        self.io.register(start, length, device)
+    def add_io_device(self, device: object) -> None:
+        """Attach a port-I/O device model over its ``port_ranges``."""
+        self.io.add(device)
 
     def add_mmio_device(self, start: int, length: int, device: object) -> None:
         self.mmio.register(start, length, device)

@@ -115,7 +115,7 @@ def test_guest_initramfs_has_init_and_agent(env) -> None:
     e = read_cpio(initramfs.build_guest_initramfs(k, files={"/etc/extra": b"1"}).read_bytes())
     init = e["init"].data.decode()
     assert init.startswith("#!/bin/sh") and "hvlab.modules" in init and "/hvlab/agent" in init
-    assert e["hvlab/agent"].mode & 0o111 and b"hvlab.exec=" in e["hvlab/agent"].data
+    assert e["hvlab/agent"].mode & 0o111 and b"@@HVLAB READY" in e["hvlab/agent"].data
     assert "etc/extra" in e
     names = [Path(p).name for p in e["lib/modules/9.9.9-test/hvlab.modules"].data.decode().split()]
     assert names == ["hv_vmbus.ko", "hv_netvsc.ko", "pci-hyperv-intf.ko", "pci-hyperv.ko", "hv_utils.ko",

@@ -8,7 +8,8 @@ import pytest
 
 from hvlab.vmm import acpi
 from hvlab.vmm import layout as L
-from hvlab.vmm.devices import PortIOBus, PortIODevice
+from hvlab.vmm.bus import IoBus
+from hvlab.vmm.devices import PortIODevice
 from hvlab.vmm.devices import uart as U
 from hvlab.vmm.devices.cmos import Cmos
 from hvlab.vmm.devices.power import PM_TIMER_HZ, PmDevice, ResetPort
@@ -23,8 +24,8 @@ class Rig:
         self.out = bytearray()
         self.irq_changes: list[bool] = []
         self.u = U.Uart16550(B, on_output=self.out.extend, set_irq=self.irq_changes.append)
-        self.bus = PortIOBus()
-        self.bus.register(self.u)
+        self.bus = IoBus()
+        self.bus.add(self.u)
 
     def inb(self, off: int) -> int:
         return self.bus.read(B + off, 1)
@@ -181,8 +182,8 @@ def test_multibyte_access_and_bus(rig: Rig) -> None:
     rig.bus.write(0x2F8, 1, 0)  # ignored
     assert rig.bus.device_at(B + 7) is rig.u
     assert isinstance(rig.u, PortIODevice)
-    with pytest.raises(ValueError, match="already claimed"):
-        rig.bus.register(U.Uart16550(B + 4))
+    with pytest.raises(ValueError, match="overlaps"):
+        rig.bus.add(U.Uart16550(B + 4))
 
 
 # ---------------------------------------------------------------- CMOS / RTC
@@ -357,8 +358,8 @@ def test_reset_port() -> None:
 
 
 def test_all_devices_share_one_bus() -> None:
-    bus = PortIOBus()
+    bus = IoBus()
     for dev in (U.Uart16550(L.COM1_PORT), U.Uart16550(L.COM2_PORT), Cmos(), PmDevice(), ResetPort()):
-        bus.register(dev)
+        bus.add(dev)
     assert isinstance(bus.device_at(0x71), Cmos)
     assert isinstance(bus.device_at(0x60B), PmDevice)

@@ -2,7 +2,7 @@
 
 Every device exposes ``port_ranges`` (the ports it decodes), ``io_read(port, size) -> int`` and
 ``io_write(port, size, value) -> None``; the VMM dispatches KVM_EXIT_IO to them, for example
-through :class:`PortIOBus`. Ports are absolute; ``size`` is 1, 2 or 4.
+through :class:`hvlab.vmm.bus.IoBus`. Ports are absolute; ``size`` is 1, 2 or 4.
 """
 
 from __future__ import annotations
@@ -18,35 +18,6 @@ class PortIODevice(Protocol):
     def io_read(self, port: int, size: int) -> int: ...
 
     def io_write(self, port: int, size: int, value: int) -> None: ...
-
-
-class PortIOBus:
-    """Port number -> device dispatch. Unclaimed ports read as all ones and ignore writes,
-    like an ISA bus with nothing on it."""
-
-    def __init__(self) -> None:
-        self._map: dict[int, PortIODevice] = {}
-
-    def register(self, dev: PortIODevice) -> None:
-        for r in dev.port_ranges:
-            for p in r:
-                if p in self._map:
-                    raise ValueError(f"port {p:#x} is already claimed by {self._map[p]!r}")
-        for r in dev.port_ranges:
-            for p in r:
-                self._map[p] = dev
-
-    def device_at(self, port: int) -> PortIODevice | None:
-        return self._map.get(port)
-
-    def read(self, port: int, size: int) -> int:
-        dev = self._map.get(port)
-        return dev.io_read(port, size) if dev else (1 << (8 * size)) - 1
-
-    def write(self, port: int, size: int, value: int) -> None:
-        dev = self._map.get(port)
-        if dev:
-            dev.io_write(port, size, value & ((1 << (8 * size)) - 1))
 
 
 def read_bytes(read_byte: Callable[[int], int], port: int, size: int) -> int:
