@@ -4,7 +4,14 @@ import time
 
 import pytest
 
-KERNELS = ["6.1", "6.12", "7.3"]
+KERNELS = [
+    "6.1",
+    "6.12",
+    pytest.param("7.3", marks=pytest.mark.xfail(
+        strict=True,
+        reason="known bug: 7.3 warns 'XSAVE consistency problem: size 832 != kernel_size 576' with KVM's leaf "
+               "0xD in L1 (XCR0 0x7), disables XSAVE and oopses in fpstate_reset; 6.1 and 6.12 accept the same CPUID")),
+]
 
 pytestmark = pytest.mark.kvm
 
