@@ -15,7 +15,13 @@ KERNELS = [
 
 pytestmark = pytest.mark.kvm
 
+# Known issue: under the nested runner (KVM inside QEMU TCG) a guest occasionally dies early on its second
+# vCPU ("ENTRY_TRAMPOLINE stack guard page was hit", seen once in 4 sessions with 6.1).  Boots are retried
+# only when the guest panics; any other failure, or two panics in a row, fails the test.
+flaky_nested_panic = pytest.mark.flaky(reruns=1, only_rerun=["GuestPanic"])
 
+
+@flaky_nested_panic
 @pytest.mark.parametrize("label", KERNELS)
 def test_boot_runs_command(hvlab_guest, label):
     vm = hvlab_guest(label, smp=2)
