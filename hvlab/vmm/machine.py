@@ -10,7 +10,6 @@ a vCPU thread and from the event loop at once.
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import threading
 import time
@@ -269,10 +268,3 @@ class Machine:
         self.memory.close()
         self.kvm.close()
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
