@@ -69,6 +69,28 @@ class HypervPlatform:
             [(msrs.FILTER_BASE, msrs.FILTER_COUNT, abi.KVM_MSR_FILTER_READ | abi.KVM_MSR_FILTER_WRITE,
               bytes(msrs.FILTER_COUNT // 8))])
 
+    def attach_vmbus(self, server) -> None:
+        """Route HvPostMessage, HvSignalEvent and EOM to a VMBus server and give each of its channels a
+        doorbell (an ioeventfd on the fast-signal port, so channel signals complete in the kernel).
+
+        ``server`` is duck-typed (hvlab.vmbus.server.VmbusServer): ``handle_post_message``,
+        ``handle_signal_event``, ``on_eom`` and ``on_channels_changed``; the platform knows no VMBus
+        message. The server's lock must be the machine lock (hypercalls arrive holding it)."""
+        from hvlab.hyperv.doorbells import Doorbells
+
+        self.post_message = server.handle_post_message
+        self.signal_event = server.handle_signal_event
+        self.synic.on_eom = server.on_eom
+        self.doorbells = Doorbells(self.machine.vm, server.handle_signal_event)
+        server.on_channels_changed = lambda ids: self.doorbells.update(ids.values())
+        self.doorbells.update(server.channel_connection_ids().values())
+
+    def close(self) -> None:
+        """Stop the doorbell thread (before the VM's fd closes)."""
+        doorbells = getattr(self, "doorbells", None)
+        if doorbells is not None:
+            doorbells.close()
+
     def _inject(self, vp: int, vector: int) -> None:
         self.machine.vm.signal_msi(0xFEE00000 | (vp << 12), vector)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from hvlab import paths, progress
 from hvlab.agent.host import Agent
 from hvlab.errors import GuestError, HvlabError
+from hvlab.timeline import Timeline
 from hvlab.vmm import layout as L
 from hvlab.vmm.acpi import build_acpi_tables
 from hvlab.vmm.devices.cmos import Cmos
@@ -47,15 +48,21 @@ class GuestVMConfig:
     boot_timeout: float = 300.0
     extra_modules: list[str] = field(default_factory=list)
     console_echo: object | None = None  # a binary stream that also gets the console (verbose/interactive)
+    heartbeat_interval: float = 1.0
+    vmbus_devices: list = field(default_factory=list)
+    """Extra VMBus device models (hvlab.vmbus.device.VmbusDevice) offered at boot, besides the ICs."""
 
 
 class Console:
-    """The guest console (ttyS0): always to console.log; optionally echoed; the tail kept for panics."""
+    """The guest console (ttyS0): always to console.log; optionally echoed; the tail kept for panics;
+    each complete line also goes to the run's timeline, so host events and guest messages interleave."""
 
-    def __init__(self, path: Path, echo=None) -> None:
+    def __init__(self, path: Path, echo=None, timeline=None) -> None:
         self.file = open(path, "wb")  # noqa: SIM115 (closed by GuestVM.close)
         self.echo = echo
+        self.timeline = timeline
         self.tail = bytearray()
+        self._line = bytearray()
         self.lock = threading.Lock()
 
     def write(self, data: bytes) -> None:
@@ -66,6 +73,16 @@ class Console:
                 del self.tail[:-32768]
             if data.endswith(b"\n"):
                 self.file.flush()
+            if self.timeline is not None:
+                self._line += data
+                while (nl := self._line.find(b"\n")) >= 0:
+                    line = self._line[:nl].rstrip(b"\r").decode(errors="replace")
+                    del self._line[:nl + 1]
+                    if line:
+                        self.timeline.event("console", line=line)
+                if len(self._line) > 4096:
+                    self.timeline.event("console", line=self._line.decode(errors="replace"))
+                    self._line.clear()
         if self.echo is not None:
             self.echo.write(data)
             self.echo.flush()
@@ -98,7 +115,8 @@ class GuestVM:
         self.machine = Machine(MachineConfig(kernel=kernel.vmlinuz, initrd=self.initrd, cmdline=cmdline,
                                              mem_mb=config.mem_mb, smp=config.smp))
         m = self.machine
-        self.console = Console(self.run_dir / "console.log", config.console_echo)
+        self.timeline = Timeline(self.run_dir / "timeline.jsonl")
+        self.console = Console(self.run_dir / "console.log", config.console_echo, self.timeline)
         self.uart0 = Uart16550(L.COM1_PORT, on_output=self.console.write,
                                set_irq=lambda level: m.irq_line(L.COM1_IRQ, level))
         self.agent = Agent(self._agent_send, alive=lambda: not m.stopped)
@@ -112,6 +130,7 @@ class GuestVM:
         from hvlab.hyperv.platform import HypervPlatform
 
         self.hyperv = HypervPlatform(m)
+        self._start_vmbus()
         tables = build_acpi_tables(n_cpus=config.smp)
         m.load(tables.blob)
         self.meta: dict = {"kernel": kernel.label, "release": kernel.release, "cmdline": cmdline,
@@ -119,6 +138,27 @@ class GuestVM:
         self.t_start = time.monotonic()
         m.start()
         self.t_ready: float | None = None
+
+    def _start_vmbus(self) -> None:
+        """The VMBus server on the platform, its event loop, and the devices every guest gets: the
+        Heartbeat and Shutdown services (hv_utils), plus ``config.vmbus_devices``.
+
+        The server shares the machine lock: hypercalls and MSR writes (EOM) arrive on vCPU threads
+        already holding it, and one lock for the whole machine cannot deadlock."""
+        from hvlab.devices.ic import HeartbeatDevice, ShutdownDevice
+        from hvlab.vmbus.loop import EventLoop
+        from hvlab.vmbus.server import VmbusServer
+
+        m = self.machine
+        self.loop = EventLoop(lock=m.lock, name="hvlab-vmbus-loop")
+        self.vmbus = VmbusServer(self.hyperv.port, m.memory, timeline=self.timeline, lock=m.lock)
+        self.hyperv.attach_vmbus(self.vmbus)
+        self.vmbus.install_backstop(self.loop)
+        self.heartbeat = HeartbeatDevice(scheduler=self.loop, interval=self.config.heartbeat_interval)
+        self.shutdown_ic = ShutdownDevice(scheduler=self.loop)
+        for dev in (self.heartbeat, self.shutdown_ic, *self.config.vmbus_devices):
+            self.vmbus.add_device(dev)
+        self.loop.start()
 
     def _agent_send(self, data: bytes) -> None:
         with self.machine.lock:
@@ -165,9 +205,17 @@ class GuestVM:
             raise
 
     def shutdown(self, timeout: float = 10.0) -> StopReason:
-        """Power the guest off (through the agent for now) and wait for the VM to end."""
+        """Shut the guest down gracefully through the Hyper-V Shutdown service (hv_utils runs
+        orderly_poweroff), as a real host does; fall back to the agent's ``poweroff -f`` when the
+        service is not there (no hv_utils) or the guest does not act on it; then wait for the VM."""
         if not self.machine.stopped:
-            self.agent.fire("poweroff -f")
+            self.shutdown_path = "shutdown-ic"
+            if not self.shutdown_ic.request_shutdown(force=True, message="hvlab: run finished"):
+                self.shutdown_path = "agent"
+                self.agent.fire("poweroff -f")
+            elif self.machine.wait(min(timeout, 5.0)) is None:
+                self.shutdown_path = "agent (shutdown service ignored)"
+                self.agent.fire("poweroff -f")
             if self.machine.wait(timeout) is None:
                 self.machine.stop(StopReason("stopped", f"guest did not power off within {timeout:.0f} s"))
         return self.stop_reason() or StopReason("stopped")
@@ -207,6 +255,9 @@ class GuestVM:
     def close(self) -> None:
         if not self.machine.stopped:
             self.machine.stop(StopReason("stopped", "closed by host"))
+        self.machine.wait(2)
+        self.loop.stop()
+        self.hyperv.close()
         reason = self.stop_reason()
         self.meta.update({
             "stop": {"kind": reason.kind, "detail": reason.detail} if reason else None,
@@ -214,10 +265,16 @@ class GuestVM:
             "run_seconds": time.monotonic() - self.t_start,
             "exits": dict(self.machine.stats.by_kind),
             "exits_by_port": {hex(k): v for k, v in self.machine.stats.by_port.most_common(20)},
+            "shutdown_path": getattr(self, "shutdown_path", None),
+            "vmbus": self.vmbus.snapshot(),
+            "heartbeats": self.heartbeat.beats,
+            "doorbell_signals": self.hyperv.doorbells.signals,
+            "hypercalls": self.hyperv.stats["hypercalls"],
         })
         (self.run_dir / "meta.json").write_text(json.dumps(self.meta, indent=2))
         self.machine.close()
         self.console.close()
+        self.timeline.close()
 
     def __enter__(self) -> GuestVM:
         return self

@@ -1,0 +1,57 @@
+"""End to end: the real hv_vmbus and hv_utils drivers against hvlab's Hyper-V platform and VMBus server.
+
+One boot per kernel checks the whole chain: Hyper-V detected, VMBus negotiated, the offered services
+bound with the class ids the host offered, the heartbeat sequence advancing, and the run ending through
+the Shutdown service (not the agent).
+"""
+
+import time
+
+import pytest
+
+KERNELS = [
+    "6.1",
+    "6.12",
+    pytest.param("7.3", marks=pytest.mark.xfail(
+        strict=True, reason="7.3 does not boot yet (XSAVE size check, see test_boot.py)")),
+]
+
+pytestmark = pytest.mark.kvm
+flaky_nested_panic = pytest.mark.flaky(reruns=1, only_rerun=["GuestPanic"])
+
+
+@flaky_nested_panic
+@pytest.mark.parametrize("label", KERNELS)
+def test_vmbus_services_heartbeat_and_shutdown(hvlab_guest, label):
+    vm = hvlab_guest(label, smp=2)
+    r = vm.run("dmesg; echo @@; for d in /sys/bus/vmbus/devices/*; do "
+               "echo $(cat $d/class_id) $(cat $d/device_id) $(basename $(readlink $d/driver)); done", timeout=30)
+    assert r.returncode == 0, r.stderr
+    dmesg, devices = r.stdout.split("@@\n")
+    assert "Hypervisor detected: Microsoft Hyper-V" in dmesg
+    assert f"hv_vmbus: Vmbus version:{vm.vmbus.snapshot()['version']}" in dmesg
+    assert "Heartbeat IC version 3.0" in dmesg
+    assert "Shutdown IC version 3.2" in dmesg
+
+    # The guest's view of the bus matches what the host offered, and hv_utils drives both services.
+    seen = {tuple(line.split()) for line in devices.splitlines() if line.strip()}
+    offered = {(f"{{{d.class_guid}}}", f"{{{d.instance_guid}}}", "hv_utils")
+               for d in (vm.heartbeat, vm.shutdown_ic)}
+    assert seen == offered
+
+    # The heartbeat sequence advances: at least 3 good answers in 5 s (interval 1 s).
+    before = vm.heartbeat.beats
+    time.sleep(5)
+    new = list(vm.heartbeat.history)[before:]
+    assert len(new) >= 3, f"only {len(new)} heartbeats in 5 s"
+    assert all(rec.ok for rec in new)
+    assert [rec.sent for rec in new] == sorted({rec.sent for rec in new})
+
+    # The run ends through the Shutdown service: hv_utils -> orderly_poweroff -> ACPI S5.
+    reason = vm.shutdown(timeout=20)
+    assert reason.kind == "poweroff", reason
+    assert vm.shutdown_path == "shutdown-ic"
+    assert [res.accepted for res in vm.shutdown_ic.results] == [True]
+    assert vm.vmbus.violation_count == 0, vm.vmbus.violations
+    # Channel doorbells completed in the kernel (ioeventfd), not through the slow hypercall path.
+    assert vm.hyperv.doorbells.signals > 0
