@@ -135,6 +135,7 @@ class _NestedBatch:
 _batch_key = pytest.StashKey[_NestedBatch]()
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection, so L1 runs only the selected tests
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     kvm_items = [i for i in items if i.get_closest_marker("kvm")]
     if not kvm_items or config.getoption(_REPORT_OPT):

@@ -395,3 +395,60 @@ class ShutdownDevice(IcDevice):
         self._event("ic.shutdown", action="reply", flags=flags, status=msg.header.status)
         if self.on_result is not None:
             self.on_result(result)
+
+
+class TimeSyncDevice(IcDevice):
+    """TimeSync IC: right after negotiation a SYNC sample (hv_utils steps the guest clock to it), then
+    a SAMPLE every ``interval`` seconds for the guest's "hyperv" PTP clock, as Hyper-V does.
+
+    ``wall_clock`` gives the host time to send (Unix seconds; tests shift it to see the guest follow);
+    ``reference_counter`` gives the partition reference counter (100 ns, the platform's
+    HV_X64_MSR_TIME_REF_COUNT) that v4 samples carry so the guest can correct for delivery delay.
+    """
+
+    class_guid = vm.ClassGuid.TIMESYNC
+    name = "timesync"
+    service_versions = ic.TIMESYNC_VERSIONS
+
+    def __init__(
+        self,
+        instance_guid: vm.GuidLike | None = None,
+        *,
+        scheduler: Scheduler,
+        reference_counter: Callable[[], int],
+        wall_clock: Callable[[], float] | None = None,
+        interval: float = 5.0,
+        **kw: Any,
+    ) -> None:
+        super().__init__(instance_guid, scheduler=scheduler, **kw)
+        import time
+
+        self.reference_counter = reference_counter
+        self.wall_clock = wall_clock or time.time
+        self.interval = interval
+        self.samples_sent = 0
+        self.samples_acked = 0
+
+    def on_negotiated(self) -> None:
+        self.later(0.0, lambda: self._send(ic.ICTIMESYNCFLAG_SYNC))
+
+    def sync_now(self) -> bool:
+        """Send a SYNC sample now (the guest steps its clock). False if the channel is not ready."""
+        server = self.server
+        if server is None:
+            return False
+        with server.lock:
+            return self.negotiated and self._send(ic.ICTIMESYNCFLAG_SYNC, periodic=False)
+
+    def _send(self, flags: int, periodic: bool = True) -> bool:
+        sample = ic.TimeSample(ic.unix_to_parenttime(self.wall_clock()), flags, self.reference_counter())
+        ok = self.send_request(ic.ICMSGTYPE_TIMESYNC, ic.build_timesync(self.srv_version or 0, sample),
+                               self._acked)
+        if ok:
+            self.samples_sent += 1
+        if periodic:
+            self.later(self.interval, lambda: self._send(ic.ICTIMESYNCFLAG_SAMPLE))
+        return ok
+
+    def _acked(self, msg: ic.IcMessage) -> None:
+        self.samples_acked += 1

@@ -69,6 +69,10 @@ class HypervPlatform:
             [(msrs.FILTER_BASE, msrs.FILTER_COUNT, abi.KVM_MSR_FILTER_READ | abi.KVM_MSR_FILTER_WRITE,
               bytes(msrs.FILTER_COUNT // 8))])
 
+    def reference_counter(self) -> int:
+        """The partition reference counter: 100-ns units since the platform started (TIME_REF_COUNT)."""
+        return (time.monotonic_ns() - self.t0) // 100
+
     def attach_vmbus(self, server) -> None:
         """Route HvPostMessage, HvSignalEvent and EOM to a VMBus server and give each of its channels a
         doorbell (an ioeventfd on the fast-signal port, so channel signals complete in the kernel).
@@ -117,7 +121,7 @@ class HypervPlatform:
         if index == msrs.APIC_FREQUENCY:
             return APIC_FREQUENCY_HZ
         if index == msrs.TIME_REF_COUNT:
-            return (time.monotonic_ns() - self.t0) // 100
+            return self.reference_counter()
         if index == msrs.VP_ASSIST_PAGE:
             return 0
         if index == msrs.TSC_INVARIANT_CONTROL:

@@ -88,6 +88,22 @@ HEARTBEAT_VERSIONS: tuple[int, ...] = (ic_version(3, 0), ic_version(1, 0))
 """hv_util.c hb_versions[]."""
 SHUTDOWN_VERSIONS: tuple[int, ...] = (ic_version(3, 2), ic_version(3, 1), ic_version(3, 0), ic_version(1, 0))
 """hv_util.c sd_versions[] (3.1 added restart, 3.2 hibernate)."""
+TIMESYNC_VERSIONS: tuple[int, ...] = (ic_version(4, 0), ic_version(3, 0), ic_version(1, 0))
+"""hv_util.c ts_versions[]: 4.0 carries the host's reference-counter value with each sample."""
+TIMESYNC_V4 = ic_version(4, 0)
+
+# Timesync flags (include/linux/hyperv.h ICTIMESYNCFLAG_*)
+ICTIMESYNCFLAG_PROBE = 0
+ICTIMESYNCFLAG_SYNC = 1
+"""Step the guest clock to the host's (hv_utils schedules do_settimeofday64)."""
+ICTIMESYNCFLAG_SAMPLE = 2
+"""Only a sample for the guest's "hyperv" PTP clock."""
+WLTIMEDELTA = 116444736000000000
+"""100-ns intervals between 1601-01-01 (Windows time) and 1970-01-01 (Unix time)."""
+TIMESYNC_V4_SIZE = 22
+"""sizeof(struct ictimesync_ref_data) (packed): parenttime, vmreferencetime, flags, leapflags, stratum, rsvd[3]."""
+TIMESYNC_V3_SIZE = 25
+"""sizeof(struct ictimesync_data) (packed): parenttime, childtime, roundtriptime, flags."""
 
 _PIPE = struct.Struct("<II")
 _ICHDR = struct.Struct("<HHHHHHIBBH")  # fw major/minor, type, msg major/minor, size, status, tid, flags, rsvd
@@ -95,6 +111,8 @@ _NEGO = struct.Struct("<HHI")
 _VER = struct.Struct("<HH")
 _HEARTBEAT = struct.Struct("<Q32x")
 _SHUTDOWN = struct.Struct("<III")
+_TIMESYNC_V4 = struct.Struct("<QQBBB3x")
+_TIMESYNC_V3 = struct.Struct("<QQQB")
 
 
 class IcError(ValueError):
@@ -245,6 +263,38 @@ def parse_shutdown(body: bytes) -> ShutdownRequest:
     return ShutdownRequest(flags, reason, timeout, body[12:SHUTDOWN_MSG_SIZE])
 
 
+@dataclass
+class TimeSample:
+    parenttime: int
+    """Host time in 100-ns units since 1601-01-01 (Windows FILETIME)."""
+    flags: int
+    vmreferencetime: int = 0
+    """v4: the partition reference counter (100 ns) when the host took ``parenttime``."""
+
+
+def unix_to_parenttime(seconds: float) -> int:
+    return int(seconds * 10_000_000) + WLTIMEDELTA
+
+
+def build_timesync(version: int, sample: TimeSample) -> bytes:
+    """struct ictimesync_ref_data (v4) or ictimesync_data (v1/v3) for the negotiated service version."""
+    if version >= TIMESYNC_V4:
+        return _TIMESYNC_V4.pack(sample.parenttime, sample.vmreferencetime, sample.flags, 0, 0)
+    return _TIMESYNC_V3.pack(sample.parenttime, 0, 0, sample.flags)
+
+
+def parse_timesync(version: int, body: bytes) -> TimeSample:
+    if version >= TIMESYNC_V4:
+        if len(body) < TIMESYNC_V4_SIZE:
+            raise IcError("length", len(body), f"timesync v4 body shorter than {TIMESYNC_V4_SIZE} bytes")
+        parent, ref, flags, _, _ = _TIMESYNC_V4.unpack_from(body)
+        return TimeSample(parent, flags, ref)
+    if len(body) < TIMESYNC_V3_SIZE:
+        raise IcError("length", len(body), f"timesync body shorter than {TIMESYNC_V3_SIZE} bytes")
+    parent, _, _, flags = _TIMESYNC_V3.unpack_from(body)
+    return TimeSample(parent, flags)
+
+
 # Guest side (a model of hv_utils, for tests) ------------------------------------------------------
 
 
@@ -283,6 +333,14 @@ def guest_heartbeat_response(payload: bytes) -> bytes:
     struct.pack_into("<Q", buf, ICMSG_HDR, (seq + 1) & 0xFFFFFFFFFFFFFFFF)
     buf[PIPE_HDR_SIZE + 17] = ICMSGHDRFLAG_TRANSACTION | ICMSGHDRFLAG_RESPONSE
     return bytes(buf)
+
+
+def guest_timesync_response(payload: bytes, version: int) -> tuple[bytes, TimeSample]:
+    """timesync_onchannelcallback(): take the sample, answer with the buffer marked as a response."""
+    buf = bytearray(payload)
+    sample = parse_timesync(version, parse_ic_message(buf).body)
+    buf[PIPE_HDR_SIZE + 17] = ICMSGHDRFLAG_TRANSACTION | ICMSGHDRFLAG_RESPONSE
+    return bytes(buf), sample
 
 
 def guest_shutdown_response(

@@ -182,7 +182,7 @@ def make_bus(
 class HvUtilsModel:
     """Linux's hv_utils for one IC channel of the guest model (hv_util.c *_onchannelcallback).
 
-    ``kind`` is "heartbeat" or "shutdown". Attach with ``HvUtilsModel(channel, kind)``: it installs
+    ``kind`` is "heartbeat", "shutdown" or "timesync". Attach with ``HvUtilsModel(channel, kind)``: it installs
     itself as the channel's event callback, reads every request, answers in place and records what a
     real guest would do (``negotiated``, ``heartbeats``, ``actions``).
     """
@@ -194,6 +194,7 @@ class HvUtilsModel:
     heartbeats: list[int] = field(default_factory=list)
     actions: list[str] = field(default_factory=list)
     requests: list[ic.IcMessage] = field(default_factory=list)
+    samples: list[ic.TimeSample] = field(default_factory=list)
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -225,7 +226,8 @@ class HvUtilsModel:
     def respond(self, payload: bytes) -> bytes | None:
         msg = ic.parse_ic_message(payload)
         self.requests.append(msg)
-        service = ic.HEARTBEAT_VERSIONS if self.kind == "heartbeat" else ic.SHUTDOWN_VERSIONS
+        service = {"heartbeat": ic.HEARTBEAT_VERSIONS, "shutdown": ic.SHUTDOWN_VERSIONS,
+                   "timesync": ic.TIMESYNC_VERSIONS}[self.kind]
         if msg.header.msgtype == ic.ICMSGTYPE_NEGOTIATE:
             out, fw, srv = ic.guest_negotiate_response(payload, ic.FRAMEWORK_VERSIONS, service)
             if fw is not None and srv is not None:
@@ -240,6 +242,11 @@ class HvUtilsModel:
             )
             if action is not None:
                 self.actions.append(action)
+            return out
+        if self.kind == "timesync" and msg.header.msgtype == ic.ICMSGTYPE_TIMESYNC:
+            assert self.negotiated is not None
+            out, sample = ic.guest_timesync_response(payload, self.negotiated[1])
+            self.samples.append(sample)
             return out
         return None
 

@@ -141,11 +141,11 @@ class GuestVM:
 
     def _start_vmbus(self) -> None:
         """The VMBus server on the platform, its event loop, and the devices every guest gets: the
-        Heartbeat and Shutdown services (hv_utils), plus ``config.vmbus_devices``.
+        Heartbeat, Shutdown and TimeSync services (hv_utils), plus ``config.vmbus_devices``.
 
         The server shares the machine lock: hypercalls and MSR writes (EOM) arrive on vCPU threads
         already holding it, and one lock for the whole machine cannot deadlock."""
-        from hvlab.devices.ic import HeartbeatDevice, ShutdownDevice
+        from hvlab.devices.ic import HeartbeatDevice, ShutdownDevice, TimeSyncDevice
         from hvlab.vmbus.loop import EventLoop
         from hvlab.vmbus.server import VmbusServer
 
@@ -156,7 +156,8 @@ class GuestVM:
         self.vmbus.install_backstop(self.loop)
         self.heartbeat = HeartbeatDevice(scheduler=self.loop, interval=self.config.heartbeat_interval)
         self.shutdown_ic = ShutdownDevice(scheduler=self.loop)
-        for dev in (self.heartbeat, self.shutdown_ic, *self.config.vmbus_devices):
+        self.timesync = TimeSyncDevice(scheduler=self.loop, reference_counter=self.hyperv.reference_counter)
+        for dev in (self.heartbeat, self.shutdown_ic, self.timesync, *self.config.vmbus_devices):
             self.vmbus.add_device(dev)
         self.loop.start()
 

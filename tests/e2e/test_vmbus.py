@@ -1,8 +1,8 @@
 """End to end: the real hv_vmbus and hv_utils drivers against hvlab's Hyper-V platform and VMBus server.
 
 One boot per kernel checks the whole chain: Hyper-V detected, VMBus negotiated, the offered services
-bound with the class ids the host offered, the heartbeat sequence advancing, and the run ending through
-the Shutdown service (not the agent).
+bound with the class ids the host offered, the heartbeat sequence advancing, TimeSync stepping the
+guest clock, and the run ending through the Shutdown service (not the agent).
 """
 
 import time
@@ -32,11 +32,12 @@ def test_vmbus_services_heartbeat_and_shutdown(hvlab_guest, label):
     assert f"hv_vmbus: Vmbus version:{vm.vmbus.snapshot()['version']}" in dmesg
     assert "Heartbeat IC version 3.0" in dmesg
     assert "Shutdown IC version 3.2" in dmesg
+    assert "TimeSync IC version 4.0" in dmesg
 
     # The guest's view of the bus matches what the host offered, and hv_utils drives both services.
     seen = {tuple(line.split()) for line in devices.splitlines() if line.strip()}
     offered = {(f"{{{d.class_guid}}}", f"{{{d.instance_guid}}}", "hv_utils")
-               for d in (vm.heartbeat, vm.shutdown_ic)}
+               for d in (vm.heartbeat, vm.shutdown_ic, vm.timesync)}
     assert seen == offered
 
     # The heartbeat sequence advances: at least 3 good answers in 5 s (interval 1 s).
@@ -46,6 +47,18 @@ def test_vmbus_services_heartbeat_and_shutdown(hvlab_guest, label):
     assert len(new) >= 3, f"only {len(new)} heartbeats in 5 s"
     assert all(rec.ok for rec in new)
     assert [rec.sent for rec in new] == sorted({rec.sent for rec in new})
+
+    # TimeSync steps the guest clock to the host's: shift the host clock by a day and sync.
+    vm.timesync.wall_clock = lambda: time.time() + 86400
+    assert vm.timesync.sync_now()
+    deadline = time.monotonic() + 10
+    while True:
+        skew = int(vm.run("date +%s", timeout=10).stdout) - (time.time() + 86400)
+        if abs(skew) < 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert abs(skew) < 5, f"guest clock is {skew:.0f} s off the host's shifted clock"
+    assert vm.timesync.samples_acked >= 2
 
     # The run ends through the Shutdown service: hv_utils -> orderly_poweroff -> ACPI S5.
     reason = vm.shutdown(timeout=20)

@@ -250,3 +250,42 @@ def test_wrong_sequence_and_unsolicited_ic_packets_are_violations() -> None:
     m_hb.channel.send_inband(bytes(40), trans_id=0xDEAD)  # the guest never speaks first
     m_hb.channel.send_packet(vp.build_completion(b"", 5))
     assert [v.field for v in bus.server.violations[-2:]] == ["trans_id", "type"]
+
+
+# TimeSync ----------------------------------------------------------------------------------------
+
+
+def test_timesync_layouts_are_the_packed_kernel_structs() -> None:
+    sample = ic.TimeSample(ic.unix_to_parenttime(1_700_000_000.5), ic.ICTIMESYNCFLAG_SYNC, 123456789)
+    v4 = ic.build_timesync(ic.TIMESYNC_V4, sample)
+    assert len(v4) == ic.TIMESYNC_V4_SIZE == 22
+    assert v4[:8] == (17_000_000_005_000_000 + ic.WLTIMEDELTA).to_bytes(8, "little")
+    assert v4[8:16] == (123456789).to_bytes(8, "little") and v4[16] == 1
+    v3 = ic.build_timesync(ic.ic_version(3, 0), sample)
+    assert len(v3) == ic.TIMESYNC_V3_SIZE == 25 and v3[24] == 1 and v3[8:24] == bytes(16)
+    assert ic.parse_timesync(ic.TIMESYNC_V4, v4) == sample
+    assert ic.parse_timesync(ic.ic_version(3, 0), v3).parenttime == sample.parenttime
+    with pytest.raises(ic.IcError):
+        ic.parse_timesync(ic.TIMESYNC_V4, v4[:21])
+
+
+def test_timesync_syncs_then_samples_periodically() -> None:
+    from hvlab.devices.ic import TimeSyncDevice
+
+    loop = ManualLoop()
+    ref = [1000]
+    ts = TimeSyncDevice(scheduler=loop, reference_counter=lambda: ref[0], wall_clock=lambda: 86400.0, interval=5.0)
+    bus = make_bus([ts])
+    bus.connect()
+    g = bus.guest.open_channel(bus.guest.find_channels(vm.ClassGuid.TIMESYNC)[0].relid, send_pages=4, recv_pages=4)
+    model = HvUtilsModel(g, "timesync")
+    settle(bus, loop)
+    assert model.negotiated == (ic.UTIL_FW_VERSION, ic.TIMESYNC_V4) and ts.srv_version == ic.TIMESYNC_V4
+    ref[0] = 2000
+    tick(bus, loop, 5.0)
+    tick(bus, loop, 5.0)
+    assert [s.flags for s in model.samples] == [ic.ICTIMESYNCFLAG_SYNC] + [ic.ICTIMESYNCFLAG_SAMPLE] * 2
+    assert model.samples[0].parenttime == ic.unix_to_parenttime(86400.0)
+    assert [s.vmreferencetime for s in model.samples] == [1000, 2000, 2000]
+    assert ts.samples_sent == ts.samples_acked == 3
+    assert not bus.server.violations
