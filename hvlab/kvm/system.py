@@ -244,6 +244,17 @@ class Vcpu:
             cpuid.entries[i] = e
         self._ioctl(abi.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
 
+    def get_cpuid(self) -> list[abi.kvm_cpuid_entry2]:
+        """The vCPU's CPUID as KVM answers it now, with the fields KVM keeps up to date (0xD.0 EBX, OSXSAVE)."""
+        cpuid = abi.kvm_cpuid2(nent=abi.MAX_CPUID_ENTRIES)
+        self._ioctl(abi.KVM_GET_CPUID2, cpuid, "KVM_GET_CPUID2")
+        return [cpuid.entries[i] for i in range(cpuid.nent)]
+
+    def get_xcr0(self) -> int:
+        xcrs = abi.kvm_xcrs()
+        self._ioctl(abi.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        return next((x.value for x in xcrs.xcrs[:xcrs.nr_xcrs] if x.xcr == 0), 1)
+
     def set_msrs(self, values: dict[int, int]) -> None:
         msrs = abi.kvm_msrs(nmsrs=len(values))
         for i, (index, data) in enumerate(values.items()):

@@ -23,7 +23,7 @@ from hvlab.kvm.memory import GuestMemory
 from hvlab.kvm.system import Kvm, KvmError, Vcpu
 from hvlab.vmm import layout as L
 from hvlab.vmm.bus import IoBus, MmioBus
-from hvlab.vmm.cpuid import guest_cpuid
+from hvlab.vmm.cpuid import guest_cpuid, guest_xcr0
 
 KICK_SIGNAL = signal.SIGUSR1
 MSR_IA32_MISC_ENABLE = 0x1A0
@@ -119,7 +119,9 @@ class Machine:
         supported = self.kvm.supported_cpuid()
         for index in range(self.config.smp):
             vcpu = self.vm.create_vcpu(index)
-            vcpu.set_cpuid(guest_cpuid(supported, index, self.extra_cpuid))
+            cpuid = guest_cpuid(supported, index, self.extra_cpuid)
+            vcpu.set_cpuid(cpuid)
+            vcpu.set_xcrs(guest_xcr0(cpuid))  # after SET_CPUID2: KVM checks XCR0 against leaf 0xD
             vcpu.set_msrs({MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING, **image.entry.msrs})
             fpu = abi.kvm_fpu(fcw=0x37F, mxcsr=0x1F80)
             vcpu.set_fpu(fpu)
