@@ -12,6 +12,7 @@ APT_PACKAGES=(
     iproute2 ethtool    # copied into guests for inspection; network namespaces on the host
     acpica-tools        # iasl, to check the generated ACPI tables in tests
     binutils            # as/objcopy, only to rebuild the probe guest (its bytes are committed)
+    gcc libc6-dev       # gcc -static builds the guest's hvlab-udp flow tool (hvlab/guest/files/udpflow.c)
 )
 
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -28,6 +29,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -E '^(WARNING|DEPRECATION)' || true
+"$PY" -m pip install -q --disable-pip-version-check -e '.[test,netns]' 2>&1 | grep -v -E '^(WARNING|DEPRECATION)' || true
 "$PY" -c 'import hvlab, construct, scapy' || { echo "install.sh: hvlab did not install" >&2; exit 1; }
 echo "install.sh: hvlab installed ($("$PY" -m hvlab --version))"

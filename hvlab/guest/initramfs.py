@@ -17,6 +17,11 @@ Layout of an image::
     /etc/hvlab-optional-modules        ... and the optional ones found (loaded after the required)
     /dev/console, /dev/null            so that init has a console before devtmpfs is mounted
     extra files                        ``files={"/path": bytes}``; 0755 if they start with #! or ELF
+    /usr/sbin/<name> + shared libs     ``binaries=["ip", "ethtool"]``: host binaries with their ldd closure
+                                       (libraries at the paths ldd reports, plus the dynamic loader); a
+                                       busybox applet of the same name becomes a symlink to the real one
+    /usr/bin/hvlab-udp                 (default guest) the static flow tool built from files/udpflow.c
+    /etc/hvlab/profile                 (default guest) shell functions sourced before agent commands
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ from hvlab.guest.modules import ModuleFile, ModuleIndex, format_modules_dep
 FORMAT = 2  # bump when the layout changes, so that cached images are rebuilt
 
 GUEST_MODULES = ("hv_vmbus", "hv_netvsc", "pci_hyperv")
+#: Host binaries copied into the default guest (with their libraries) so tests can inspect NICs.
+GUEST_BINARIES = ("ip", "ethtool")
+#: Sourced before each agent command: makes `ip` the real iproute2 (busybox sh prefers its applets).
+GUEST_PROFILE = "/etc/hvlab/profile"
+#: Where the guest's flow tool goes (see hvlab/guest/files/udpflow.c and hvlab/net/traffic.py).
+UDP_TOOL_PATH = "/usr/bin/hvlab-udp"
 GUEST_OPTIONAL_MODULES = ("hv_utils", "vmxnet3")
 
 S_IFDIR, S_IFREG, S_IFLNK, S_IFCHR = 0o040000, 0o100000, 0o120000, 0o020000
@@ -228,6 +239,90 @@ def busybox_applets(busybox: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Host binaries with their shared libraries, and the guest's flow tool
+
+_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def host_binary(name: str | os.PathLike[str]) -> Path:
+    """A host executable by name (searched in the sbin and bin directories too) or path; NotFound if absent."""
+    found = shutil.which(str(name), path=_SEARCH_PATH) if os.sep not in str(name) else str(name)
+    if not found or not Path(found).is_file():
+        raise NotFound(f"{name} is not installed here (scripts/install.sh installs iproute2 and ethtool)")
+    return Path(found)
+
+
+def ldd_closure(binary: Path) -> list[str]:
+    """The absolute paths of every shared library ``binary`` loads, the dynamic loader included, as ldd lists
+    them (the vDSO excluded); [] for a static binary. NotFound names a library ldd cannot find."""
+    if _is_static_elf(binary):
+        return []
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        if "not a dynamic executable" in out.stdout + out.stderr:
+            return []
+        raise HvlabError(f"ldd {binary} failed: {out.stderr.strip() or out.stdout.strip()}")
+    libs: list[str] = []
+    for line in out.stdout.splitlines():
+        line = line.strip()
+        if "=>" in line:
+            name, _, rest = line.partition("=>")
+            target = rest.strip().split(" (")[0].strip()
+            if target == "not found":
+                raise NotFound(f"{binary} needs {name.strip()}, which ldd cannot find")
+            if target.startswith("/"):
+                libs.append(target)
+        elif line.startswith("/"):  # the dynamic loader: "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            libs.append(line.split(" (")[0].strip())
+    return list(dict.fromkeys(libs))
+
+
+def binary_files(names: Iterable[str | os.PathLike[str]]) -> tuple[dict[str, bytes], dict[str, str]]:
+    """({image path: bytes} for the binaries and their libraries, {basename: image path} of the binaries).
+
+    Binaries go to usr/sbin/<basename>, and a busybox applet of the same name is made a symlink to them
+    (busybox sh still runs its own applet first: /etc/hvlab/profile covers that). Libraries go to the path
+    ldd reports, read through symlinks, which is where the loader looks for them by soname.
+    """
+    out: dict[str, bytes] = {}
+    names_map: dict[str, str] = {}
+    for name in names:
+        path = host_binary(name)
+        dest = f"usr/sbin/{path.name}"
+        out[dest] = path.read_bytes()
+        names_map[path.name] = dest
+        for lib in ldd_closure(path):
+            out.setdefault(lib.lstrip("/"), Path(lib).read_bytes())
+    return out, names_map
+
+
+def udp_tool() -> Path | None:
+    """The guest's flow tool, compiled with ``gcc -static`` once per source/compiler and cached by content
+    under ``<cache>/guest-tools/``. None (with a warning) when there is no gcc here; a compile error raises."""
+    src = guest_file("udpflow.c").encode()
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        progress.say("no gcc here (apt-get install gcc libc6-dev): the guest gets no hvlab-udp flow tool")
+        return None
+    version = subprocess.run([gcc, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    key = _sha(src + version.encode())[:24]
+    out = paths.cache_subdir("guest-tools", key) / "hvlab-udp"
+    if out.exists():
+        return out
+    with progress.step("compiling the guest's hvlab-udp (gcc -static)"):
+        tmp_src = out.with_name(f"udpflow.{os.getpid()}.c")
+        tmp_src.write_bytes(src)
+        tmp = out.with_name(f"hvlab-udp.tmp{os.getpid()}")
+        r = subprocess.run([gcc, "-static", "-O2", "-s", "-Wall", "-o", str(tmp), str(tmp_src)],
+                           capture_output=True, text=True, timeout=300)
+        tmp_src.unlink(missing_ok=True)
+        if r.returncode != 0:
+            raise HvlabError(f"gcc -static failed for udpflow.c (is libc6-dev installed?):\n{r.stderr.strip()}")
+        os.replace(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Building
 
 
@@ -258,14 +353,16 @@ def _required_count(kernel: Kernel, modules: Iterable[str]) -> int:
 
 
 def build(kernel: Kernel, *, modules: list[str], init: str, files: dict[str, bytes] | None = None,
-          optional_modules: Iterable[str] = ()) -> Path:
+          optional_modules: Iterable[str] = (), binaries: Iterable[str | os.PathLike[str]] = ()) -> Path:
     """Build (or reuse) an initramfs for ``kernel``; returns the path of the gzip'd newc cpio.
 
     ``modules`` must exist (as modules or built in) or NotFound is raised; ``optional_modules`` are added
-    with their dependencies if present.  The cache key covers the module contents, init, files, busybox
-    and the layout version, so any change gives a new image and a repeat is instant.
+    with their dependencies if present; ``binaries`` are host executables copied with their libraries
+    (NotFound if one is missing).  The cache key covers the module contents, init, files, binaries,
+    libraries, busybox and the layout version, so any change gives a new image and a repeat is instant.
     """
     files = dict(files or {})
+    bin_files, bin_names = binary_files(binaries)
     mods, idx = _gather(kernel, modules, optional_modules)
     bb = busybox_path()
     bb_data = bb.read_bytes()
@@ -278,6 +375,8 @@ def build(kernel: Kernel, *, modules: list[str], init: str, files: dict[str, byt
         "files": sorted((k, _sha(v)) for k, v in files.items()),
         "busybox": _sha(bb_data),
     }
+    if bin_files:  # only when used, so that images without binaries keep their keys
+        key_src["binaries"] = sorted((k, _sha(v)) for k, v in bin_files.items())
     key = _sha(json.dumps(key_src, sort_keys=True).encode())[:24]
     out_dir = paths.cache_subdir("initramfs")
     out = out_dir / f"{key}.cpio.gz"
@@ -294,9 +393,12 @@ def build(kernel: Kernel, *, modules: list[str], init: str, files: dict[str, byt
         w.chardev("dev/null", 1, 3, 0o666)
         w.file("init", init.encode(), 0o755)
         w.file("bin/busybox", bb_data, 0o755)
+        for name, data in sorted(bin_files.items()):
+            w.file(name, data, 0o755 if name in bin_names.values() or ".so" in name else 0o644)
         for applet in busybox_applets(bb):
+            real = bin_names.get(applet.rsplit("/", 1)[-1])
             if not w.has(applet):
-                w.symlink(applet, "/bin/busybox")
+                w.symlink(applet, f"/{real}" if real else "/bin/busybox")
 
         moddir = f"lib/modules/{kernel.release}"
         w.dir(moddir)
@@ -354,11 +456,23 @@ def guest_file(name: str) -> str:
 
 def build_guest_initramfs(kernel: Kernel, extra_modules: Iterable[str] = (),
                           files: dict[str, bytes] | None = None) -> Path:
-    """The default hvlab guest: Hyper-V drivers (+ hv_utils, vmxnet3 if present), hvlab's init and agent."""
+    """The default hvlab guest: Hyper-V drivers (+ hv_utils, vmxnet3 if present), hvlab's init and agent,
+    iproute2's ip and ethtool with their libraries, and the hvlab-udp flow tool."""
     require_drivers(kernel)
     from hvlab.agent.host import FILES as AGENT_FILES
 
-    all_files = {"/hvlab/agent": (AGENT_FILES / "hvlab-agent").read_bytes()}
+    all_files = {"/hvlab/agent": (AGENT_FILES / "hvlab-agent").read_bytes(),
+                 GUEST_PROFILE: guest_file("profile").encode()}
+    tool = udp_tool()
+    if tool is not None:
+        all_files[UDP_TOOL_PATH] = tool.read_bytes()
     all_files.update(files or {})
+    binaries = []
+    for name in GUEST_BINARIES:  # inspection tools are a convenience: a host without them still boots guests
+        try:
+            host_binary(name)
+            binaries.append(name)
+        except NotFound as e:
+            progress.say(f"{e}; the guest falls back to busybox's")
     return build(kernel, modules=[*GUEST_MODULES, *extra_modules], init=guest_file("init"),
-                 files=all_files, optional_modules=GUEST_OPTIONAL_MODULES)
+                 files=all_files, optional_modules=GUEST_OPTIONAL_MODULES, binaries=binaries)
