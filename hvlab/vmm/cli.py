@@ -19,8 +19,17 @@ runs --exec COMMAND in the guest (its output on stdout and stderr, its exit stat
 Where KVM here cannot run stock guests, the whole command runs inside the nested runner's L1 VM (see
 `hvlab doctor`); that is transparent apart from the time it takes.
 
+The guest runs on an emulated Hyper-V: hv_vmbus finds a VMBus with the Heartbeat, Shutdown and TimeSync
+services (hv_utils) and, by default, one synthetic NIC (hv_netvsc) on hvlab's virtual switch.  The
+default network: the guest's NIC has MAC 00:15:5d:00:02:02 and 192.0.2.2/24 (set through the agent
+before COMMAND runs); a responder at 192.0.2.1 answers ARP, ping and UDP echo (port 7).  192.0.2.0/24
+is a documentation range: nothing leaves hvlab's switch.  The run ends through the Shutdown service,
+as on Hyper-V.
+
 Each run keeps its files under <cache>/runs/<time>-<kernel>/: console.log (the guest console, complete
-even when quiet), meta.json, and later the event timeline.
+even when quiet), timeline.jsonl (every VMBus message, channel change, NVSP/RNDIS control message and
+console line, timestamped), meta.json (exit counts, VMBus and NIC counters, stop reason) and, with
+--pcap, a pcap per switch port.
 """
 
 EPILOG = """\
@@ -33,6 +42,8 @@ exit status:
 
 examples:
   hvlab boot --kernel 6.12 --exec 'uname -r; nproc'
+  hvlab boot --kernel 6.12 --exec 'cat /sys/class/net/eth0/address; ping -c 3 192.0.2.1'
+  hvlab boot --kernel 6.1 --pcap --exec 'ping -c 1 192.0.2.1'   then read runs/*/nic0.pcap
   hvlab boot --kernel 7.3 --smp 4 --mem 2G --exec 'dmesg | grep -i hyper-v'
   hvlab boot --kernel ~/linux/arch/x86/boot/bzImage --modules ~/linux-mods/lib/modules/7.3.0 --exec 'lsmod'
   hvlab boot --kernel 6.1 --verbose          interactive console, full kernel log
@@ -65,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=300, metavar="SECONDS",
                    help="limit for boot and for CMD (default 300)")
     p.add_argument("--verbose", action="store_true", help="full kernel log, echoed to stderr")
+    p.add_argument("--nics", type=int, default=1, metavar="N",
+                   help="synthetic NICs (hv_netvsc) on hvlab's switch; 0 for none (default 1)")
+    p.add_argument("--pcap", action="store_true", help="write a pcap per switch port into the run directory")
     p.set_defaults(func=run)
 
 
@@ -80,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from hvlab.vmm.guestvm import GuestVM, GuestVMConfig
 
     config = GuestVMConfig(kernel=kernel, smp=args.smp, mem_mb=args.mem, append=args.append,
-                           verbose=args.verbose, boot_timeout=args.timeout)
+                           verbose=args.verbose, boot_timeout=args.timeout, nics=args.nics, pcap=args.pcap)
     with GuestVM(config) as vm:
         if args.command is None:
             return vm.interactive()

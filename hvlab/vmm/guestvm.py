@@ -49,6 +49,12 @@ class GuestVMConfig:
     extra_modules: list[str] = field(default_factory=list)
     console_echo: object | None = None  # a binary stream that also gets the console (verbose/interactive)
     heartbeat_interval: float = 1.0
+    nics: int = 1
+    """Synthetic NICs (netvsp) on hvlab's switch; NIC 0 gets 192.0.2.2/24 once the agent is up."""
+    net_setup: bool = True
+    """Configure NIC 0's address in wait_ready (False: leave the guest's network untouched)."""
+    pcap: bool = False
+    """Write a pcap per switch port into the run directory."""
     vmbus_devices: list = field(default_factory=list)
     """Extra VMBus device models (hvlab.vmbus.device.VmbusDevice) offered at boot, besides the ICs."""
 
@@ -138,6 +144,8 @@ class GuestVM:
         self.t_start = time.monotonic()
         m.start()
         self.t_ready: float | None = None
+        self.guest_iface: str | None = None
+        """NIC 0's interface name in the guest, once wait_ready configured it."""
 
     def _start_vmbus(self) -> None:
         """The VMBus server on the platform, its event loop, and the devices every guest gets: the
@@ -157,7 +165,14 @@ class GuestVM:
         self.heartbeat = HeartbeatDevice(scheduler=self.loop, interval=self.config.heartbeat_interval)
         self.shutdown_ic = ShutdownDevice(scheduler=self.loop)
         self.timesync = TimeSyncDevice(scheduler=self.loop, reference_counter=self.hyperv.reference_counter)
-        for dev in (self.heartbeat, self.shutdown_ic, self.timesync, *self.config.vmbus_devices):
+        self.net = None
+        if self.config.nics:
+            from hvlab.vmm.guestnet import GuestNetwork
+
+            self.net = GuestNetwork(self.config.nics, scheduler=self.loop, timeline=self.timeline,
+                                    pcap_dir=self.run_dir if self.config.pcap else None)
+        nics = self.net.nics if self.net is not None else []
+        for dev in (self.heartbeat, self.shutdown_ic, self.timesync, *nics, *self.config.vmbus_devices):
             self.vmbus.add_device(dev)
         self.loop.start()
 
@@ -175,6 +190,10 @@ class GuestVM:
                 raise
             self.t_ready = time.monotonic() - self.t_start
             progress.say(f"guest ready in {self.t_ready:.1f} s ({self.machine.stats.total()} exits to user space)")
+            if self.net is not None and self.config.net_setup:
+                self.guest_iface = self.net.configure_guest(self.run)
+                progress.say(f"guest {self.guest_iface}: {self.net.guest_mac} 192.0.2.2/24; "
+                             "responder 192.0.2.1")
         return self.t_ready
 
     def stop_reason(self) -> StopReason | None:
@@ -259,6 +278,8 @@ class GuestVM:
         self.machine.wait(2)
         self.loop.stop()
         self.hyperv.close()
+        if self.net is not None:
+            self.net.close()
         reason = self.stop_reason()
         self.meta.update({
             "stop": {"kind": reason.kind, "detail": reason.detail} if reason else None,
@@ -271,6 +292,7 @@ class GuestVM:
             "heartbeats": self.heartbeat.beats,
             "doorbell_signals": self.hyperv.doorbells.signals,
             "hypercalls": self.hyperv.stats["hypercalls"],
+            "net": self.net.snapshot() if self.net is not None else None,
         })
         (self.run_dir / "meta.json").write_text(json.dumps(self.meta, indent=2))
         self.machine.close()

@@ -9,12 +9,7 @@ import time
 
 import pytest
 
-KERNELS = [
-    "6.1",
-    "6.12",
-    pytest.param("7.3", marks=pytest.mark.xfail(
-        strict=True, reason="7.3 does not boot yet (XSAVE size check, see test_boot.py)")),
-]
+KERNELS = ["6.1", "6.12", "7.3"]
 
 pytestmark = pytest.mark.kvm
 flaky_nested_panic = pytest.mark.flaky(reruns=1, only_rerun=["GuestPanic"])
