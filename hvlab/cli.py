@@ -18,6 +18,8 @@ COMMANDS = [
     "hvlab.doctor",
     "hvlab.guest.cli",
     "hvlab.nested.cli",
+    "hvlab.qemu.cli",
+    "hvlab.vf.cli",
     "hvlab.vmm.cli",
 ]
 

@@ -382,6 +382,12 @@ class VfioUserServer:
         log.info("vfio-user client connected (#%d)", self.connections_served)
 
     def _drop_connection(self, why: str) -> None:
+        # Under _cond: wait_for() must not see the connection gone before the device was told.
+        with self._cond:
+            self._drop_connection_locked(why)
+            self._cond.notify_all()
+
+    def _drop_connection_locked(self, why: str) -> None:
         conn = self.conn
         if conn is None:
             return
