@@ -442,8 +442,9 @@ class TimeSyncDevice(IcDevice):
 
     def _send(self, flags: int, periodic: bool = True) -> bool:
         sample = ic.TimeSample(ic.unix_to_parenttime(self.wall_clock()), flags, self.reference_counter())
-        ok = self.send_request(ic.ICMSGTYPE_TIMESYNC, ic.build_timesync(self.srv_version or 0, sample),
-                               self._acked)
+        ok = self.send_request(
+            ic.ICMSGTYPE_TIMESYNC, ic.build_timesync(self.srv_version or 0, sample), self._acked
+        )
         if ok:
             self.samples_sent += 1
         if periodic:

@@ -48,7 +48,8 @@ class NestedConfig:
 
 
 def qemu_binary() -> str | None:
-    return shutil.which(QEMU)
+    """The QEMU that runs L1: ``$HVLAB_L1_QEMU`` (a path or command name) if set, else the system's."""
+    return shutil.which(os.environ.get("HVLAB_L1_QEMU") or QEMU)
 
 
 def in_l1() -> bool:
@@ -123,7 +124,8 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     # thread=single: with multi-threaded TCG (QEMU 7.2), L1's live kernel patching (static keys toggled
     # by KVM while guests run) raced with the other vCPU, which then hit the patch's INT3: an oops in
     # kvm_arch_vcpu_ioctl_run on the second guest of a session.  Single-threaded TCG has no such race.
-    args = [qemu, "-accel", "tcg,thread=single", "-cpu", "EPYC,+svm,+npt", "-smp", str(config.cpus),
+    tcg_threads = os.environ.get("HVLAB_L1_TCG_THREAD", "single")
+    args = [qemu, "-accel", f"tcg,thread={tcg_threads}", "-cpu", "EPYC,+svm,+npt", "-smp", str(config.cpus),
             "-m", str(config.memory_mb), "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(vmlinuz), "-initrd", str(initrd),
             "-append", "console=ttyS0 quiet panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1",
