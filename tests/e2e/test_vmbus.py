@@ -29,10 +29,11 @@ def test_vmbus_services_heartbeat_and_shutdown(hvlab_guest, label):
     assert "Shutdown IC version 3.2" in dmesg
     assert "TimeSync IC version 4.0" in dmesg
 
-    # The guest's view of the bus matches what the host offered, and hv_utils drives both services.
+    # The guest's view of the bus matches what the host offered: hv_utils drives the services, hv_netvsc the NIC.
     seen = {tuple(line.split()) for line in devices.splitlines() if line.strip()}
     offered = {(f"{{{d.class_guid}}}", f"{{{d.instance_guid}}}", "hv_utils")
                for d in (vm.heartbeat, vm.shutdown_ic, vm.timesync)}
+    offered |= {(f"{{{d.class_guid}}}", f"{{{d.instance_guid}}}", "hv_netvsc") for d in vm.net.nics}
     assert seen == offered
 
     # The heartbeat sequence advances: at least 3 good answers in 5 s (interval 1 s).
