@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def ring_round_trips(vm, count: int) -> dict:
@@ -100,6 +100,8 @@ def message_round_trips(vm, count: int) -> dict:
 
 
 def main() -> int:
+    from benchlib import result_doc
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", default="6.12")
     ap.add_argument("--round-trips", type=int, default=1000)
@@ -125,15 +127,7 @@ def main() -> int:
             }
             vm.shutdown()
         print(json.dumps({label: results[label]}, indent=2), flush=True)
-    doc = {
-        "benchmark": "vmbus",
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
-                    "python": sys.version.split()[0]},
-        "kvm": "nested: KVM inside the nested runner's L1 (QEMU TCG, nested SVM)" if os.environ.get("HVLAB_IN_L1")
-               else "native",
-        "results": results,
-    }
+    doc = result_doc("vmbus", results)
     if args.out:
         args.out.write_text(json.dumps(doc, indent=2) + "\n")
     return 0

@@ -46,9 +46,11 @@ def _kvm_module() -> str:
     return ", ".join(found) if found else "none listed in /proc/modules (built in?)"
 
 
-def _qemu_version(binary: str) -> str:
+def _qemu_version(qemu) -> str:
+    """``qemu`` is a hvlab.nested.runner.L1Qemu."""
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run([*qemu.command, "--version"], capture_output=True, text=True, timeout=10,
+                             env={**os.environ, **qemu.env}).stdout
         return out.splitlines()[0] if out else "unknown version"
     except (OSError, subprocess.TimeoutExpired):
         return "does not run"
@@ -69,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
         line("context", "inside the nested runner's L1 VM")
     verdict = placement.kvm_verdict(refresh=True)
     line("probe guest", ("PASS: " if verdict.usable else "FAIL: ") + verdict.reason)
-    qemu = runner.qemu_binary()
-    line("nested runner", f"available ({qemu}: {_qemu_version(qemu)})" if qemu
-         else "unavailable: qemu-system-x86_64 not installed (Debian: apt-get install qemu-system-x86)")
+    l1 = runner.l1_qemu()
+    line("nested runner", f"available ({l1.label}, TCG {l1.tcg_thread}-threaded: {_qemu_version(l1)})"
+         if l1 else "unavailable: no QEMU (hvlab qemu --prepare, or apt-get install qemu-system-x86)")
     try:
         from hvlab.guest import kernels
 
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     if verdict.usable:
         print("verdict: KVM here runs stock guests; hvlab runs its VMM directly on /dev/kvm")
         return 0
-    if qemu is None:
+    if l1 is None:
         print("verdict: no usable KVM and no nested runner; hvlab cannot run guests here")
         return 3
     if args.nested_check and not runner.in_l1():

@@ -62,7 +62,7 @@ def choose() -> str:
             raise KvmUnusable(f"inside the L1 VM KVM is not usable either: {verdict.reason}")
         return "native"
     if mode == "always":
-        if runner.qemu_binary() is None:
+        if runner.l1_qemu() is None:
             raise KvmUnusable("HVLAB_NESTED=always but qemu-system-x86_64 is not installed")
         return "nested"
     verdict = kvm_verdict()
@@ -70,7 +70,7 @@ def choose() -> str:
         return "native"
     if mode == "never":
         raise KvmUnusable(f"KVM cannot run stock guests here ({verdict.reason}) and HVLAB_NESTED=never")
-    if runner.qemu_binary() is None:
+    if runner.l1_qemu() is None:
         raise KvmUnusable(f"KVM cannot run stock guests here ({verdict.reason}), and the nested runner "
                           "needs qemu-system-x86_64 (Debian: apt-get install qemu-system-x86)")
     return "nested"

@@ -146,7 +146,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         return
     mode = config.getoption("--hvlab-nested") or os.environ.get("HVLAB_NESTED", "auto")
     if mode == "always":
-        where = "nested" if runner.qemu_binary() else "none"
+        where = "nested" if runner.l1_qemu() else "none"
         reason = "HVLAB_NESTED=always but qemu-system-x86_64 is missing"
     else:
         from hvlab import placement
@@ -155,7 +155,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         if verdict.usable:
             return
         reason = f"KVM cannot run stock guests here ({verdict.reason})"
-        where = "nested" if mode == "auto" and runner.qemu_binary() else "none"
+        where = "nested" if mode == "auto" and runner.l1_qemu() else "none"
     if where == "none":
         state = "disabled" if mode == "never" else "unavailable"
         skip = pytest.mark.skip(reason=f"{reason}; the nested runner is {state}")
@@ -171,6 +171,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if batch is None or item not in batch.items:
         return None
     batch.replay(item)
+    # A replayed item is neither set up nor torn down here, so tear down what the previous real item
+    # left set up and the next item does not need (e.g. a module fixture of tests/e2e before tests/unit),
+    # as pytest's own runtestprotocol does; otherwise the next setup fails "not torn down properly".
+    item.session._setupstate.teardown_exact(nextitem)
     return True
 
 

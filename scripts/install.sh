@@ -32,3 +32,6 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q --disable-pip-version-check -e '.[test,netns]' 2>&1 | grep -v -E '^(WARNING|DEPRECATION)' || true
 "$PY" -c 'import hvlab, construct, scapy' || { echo "install.sh: hvlab did not install" >&2; exit 1; }
 echo "install.sh: hvlab installed ($("$PY" -m hvlab --version))"
+# QEMU 11 (trixie-backports) in a debootstrapped root under the cache: the qemu room's vfio-user-pci and,
+# multi-threaded, the nested runner's L1 (Debian 12's QEMU 7.2 is only the fallback).  Once, ~30 s.
+sudo_ env "PATH=$PATH" HOME="$HOME" "$PY" -m hvlab qemu --prepare

@@ -48,8 +48,43 @@ class NestedConfig:
 
 
 def qemu_binary() -> str | None:
-    """The QEMU that runs L1: ``$HVLAB_L1_QEMU`` (a path or command name) if set, else the system's."""
+    """The system QEMU (or ``$HVLAB_L1_QEMU``), the fallback that runs L1 when hvlab's QEMU 11 root is absent."""
     return shutil.which(os.environ.get("HVLAB_L1_QEMU") or QEMU)
+
+
+@dataclass
+class L1Qemu:
+    """How L1 is run: the command (before QEMU's own arguments), extra environment, TCG threading."""
+
+    command: list[str]
+    env: dict[str, str]
+    tcg_thread: str
+    label: str
+
+
+def l1_qemu() -> L1Qemu | None:
+    """Choose the QEMU for L1.
+
+    hvlab's QEMU 11 root (built by the qemu room, ``hvlab qemu``; cached) with multi-threaded TCG is
+    preferred: in a 15-boot stress run in one L1 it ran clean, where QEMU 7.2 single-threaded (Debian
+    12's) panicked guests about once in 13 boots (an interrupt delivered twice, docs/DESIGN.md) and 7.2's
+    multi-threaded TCG oopsed L1's KVM. ``$HVLAB_L1_QEMU`` forces a given binary (with
+    ``$HVLAB_L1_TCG_THREAD``, default single); ``HVLAB_L1_QEMU=system`` forces Debian's QEMU.
+    """
+    forced = os.environ.get("HVLAB_L1_QEMU")
+    thread = os.environ.get("HVLAB_L1_TCG_THREAD")
+    if forced and forced != "system":
+        path = shutil.which(forced)
+        return L1Qemu([path], {}, thread or "single", forced) if path else None
+    if not forced:
+        from hvlab.qemu.root import QemuRoot
+
+        root = QemuRoot()
+        if root.ready:
+            env = {k: v for k, v in root.env().items() if k.startswith("QEMU")}
+            return L1Qemu(root.command(), env, thread or "multi", "QEMU 11 (hvlab's root)")
+    path = shutil.which(QEMU)
+    return L1Qemu([path], {}, thread or "single", "system QEMU") if path else None
 
 
 def in_l1() -> bool:
@@ -113,7 +148,7 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     config = config or NestedConfig()
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    qemu = qemu_binary()
+    qemu = l1_qemu()
     if qemu is None:
         raise KvmUnusable(f"the nested runner needs {QEMU} (Debian: apt-get install qemu-system-x86)")
     t0 = time.monotonic()
@@ -121,11 +156,10 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     xchg = Path(tempfile.mkdtemp(prefix="hvlab-l1-", dir=config.keep_dir))
     writable = [paths.cache_dir(), *config.writable]
     shares = []
-    # thread=single: with multi-threaded TCG (QEMU 7.2), L1's live kernel patching (static keys toggled
-    # by KVM while guests run) raced with the other vCPU, which then hit the patch's INT3: an oops in
-    # kvm_arch_vcpu_ioctl_run on the second guest of a session.  Single-threaded TCG has no such race.
-    tcg_threads = os.environ.get("HVLAB_L1_TCG_THREAD", "single")
-    args = [qemu, "-accel", f"tcg,thread={tcg_threads}", "-cpu", "EPYC,+svm,+npt", "-smp", str(config.cpus),
+    # Debian 12's QEMU 7.2 runs single-threaded: with its multi-threaded TCG, L1's live kernel patching
+    # (static keys toggled by KVM while guests run) raced with the other vCPU, which then hit the patch's
+    # INT3: an oops in kvm_arch_vcpu_ioctl_run on the second guest of a session (see l1_qemu()).
+    args = [*qemu.command, "-accel", f"tcg,thread={qemu.tcg_thread}", "-cpu", "EPYC,+svm,+npt", "-smp", str(config.cpus),
             "-m", str(config.memory_mb), "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(vmlinuz), "-initrd", str(initrd),
             "-append", "console=ttyS0 quiet panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1",
@@ -143,13 +177,14 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     (xchg / "command.sh").write_text(_command_script(argv, os.getcwd(), dict(os.environ)))
     for name in ("stdout", "stderr", "console.log"):
         (xchg / name).touch()
-    progress.say(f"starting L1 VM (QEMU TCG, nested SVM, {config.cpus} vCPUs, {config.memory_mb} MiB)")
+    progress.say(f"starting L1 VM ({qemu.label}, TCG {qemu.tcg_thread}-threaded, nested SVM, {config.cpus} vCPUs, "
+                 f"{config.memory_mb} MiB)")
     tails = [_Tail(xchg / "stdout", stdout), _Tail(xchg / "stderr", stderr)]
     for t in tails:
         t.start()
     qemu_log = open(xchg / "qemu.log", "wb")  # noqa: SIM115 (closed below; a pipe could fill and block QEMU)
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **qemu.env})
     interrupted = timed_out = False
     try:
         proc.wait(timeout=config.timeout)

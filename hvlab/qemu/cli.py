@@ -44,6 +44,7 @@ examples:
   hvlab qemu --kernel 6.1 --vf vmxnet3 --mac 00:15:5d:aa:bb:cc --exec 'ip -br link'
   hvlab qemu --kernel 7.3 --vf vmxnet3 --hotplug --exec 'dmesg | grep vmxnet3'
   hvlab qemu --vf vmxnet3                 boot, configure, and keep running until Ctrl-C
+  hvlab qemu --prepare                    build the QEMU 11 root now (install.sh does this)
 """
 
 
@@ -57,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mac", default=None, metavar="MAC", help="the VF's MAC (default 00:15:5d:00:02:02)")
     p.add_argument("--exec", dest="command", metavar="CMD", help="run CMD in the guest, print its output, "
                                                                  "exit with its status")
+    p.add_argument("--prepare", action="store_true",
+                   help="only build (or check) the QEMU 11 root and exit; the nested runner also uses it for L1")
     p.add_argument("--hotplug", action="store_true",
                    help="boot without the VF and add it through QMP device_add (MSI only)")
     p.add_argument("--msi-only", action="store_true", help="offer MSI but no MSI-X capability")
@@ -74,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from hvlab.net.topology import GUEST_MAC
     from hvlab.qemu.runner import QemuVfConfig, QemuVfGuest
 
+    if args.prepare:
+        from hvlab.qemu.root import QemuRoot
+
+        root = QemuRoot().ensure()
+        progress.say(f"QEMU root ready: {root.path} ({root.version()})")
+        return 0
     mac = args.mac or GUEST_MAC
     try:
         mac_bytes(mac)

@@ -115,7 +115,9 @@ class GuestVM:
                 kernel, extra_modules=config.extra_modules)
         cmdline = "console=ttyS0 panic=-1 reboot=acpi"
         if not config.verbose:
-            cmdline += " quiet loglevel=3"
+            # loglevel=4: errors still reach the console (RCU stalls, hung tasks, driver failures) so a
+            # guest that goes silent leaves a clue in console.log; they are rare, so the exits are cheap.
+            cmdline += " quiet loglevel=4"
         if config.append:
             cmdline += " " + config.append
         self.machine = Machine(MachineConfig(kernel=kernel.vmlinuz, initrd=self.initrd, cmdline=cmdline,

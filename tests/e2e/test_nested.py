@@ -24,7 +24,7 @@ def test_dev_kvm_opens():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(runner.in_l1() or runner.qemu_binary() is None, reason="needs the host side with QEMU")
+@pytest.mark.skipif(runner.in_l1() or runner.l1_qemu() is None, reason="needs the host side with QEMU")
 def test_hvlab_exec_hands_back_output_and_status(tmp_path):
     script = "import os, sys; os.open('/dev/kvm', os.O_RDWR); print('kvm ok'); print('to-err', file=sys.stderr); sys.exit(7)"
     proc = subprocess.run([sys.executable, "-m", "hvlab", "exec", "--nested", "--mem", "1024", "--",

@@ -1,8 +1,8 @@
 """End to end: Linux's hv_netvsc against hvlab's netvsp, switch and responder, on the synthetic path.
 
 Per kernel, two boots: one for traffic (MAC, ping, carrier flips, UDP flows both ways counted at both ends
-and in the pcaps), one for reconfiguration (MTU 9000 and back, driver reload, vRSS channel count), each
-step followed by traffic. The default topology: guest 192.0.2.2/24 (MAC 00:15:5d:00:02:02), responder
+and in the pcaps), one with two NICs for reconfiguration (MTU 9000 and back, driver reload, vRSS channel
+count), each step followed by traffic. The default topology: guest 192.0.2.2/24 (MAC 00:15:5d:00:02:02), responder
 192.0.2.1.
 """
 
@@ -74,9 +74,15 @@ def test_synthetic_nic_traffic(hvlab_guest, label):
 @flaky_nested_panic
 @pytest.mark.parametrize("label", KERNELS)
 def test_synthetic_nic_reconfiguration(hvlab_guest, label):
-    vm = hvlab_guest(label, smp=2)
+    vm = hvlab_guest(label, smp=2, nics=2)
     nic = vm.net.nics[0]
     iface = vm.guest_iface
+
+    # Two NICs, each with its own MAC and instance id, both driven by hv_netvsc.
+    r = vm.run("for d in /sys/class/net/*/device; do n=${d%/device}; "
+               "echo $(cat $n/address) $(basename $(readlink $d)) $(basename $(readlink $d/driver)); done")
+    seen = {tuple(line.split()) for line in r.stdout.splitlines()}
+    assert seen == {(dev.mac.hex(":"), str(dev.instance_guid), "hv_netvsc") for dev in vm.net.nics}, r.stdout
 
     # MTU 9000 and back: netvsc tears its channels down and reopens them with new buffers.
     r = vm.run(f"ip link set dev {iface} mtu 9000 && cat /sys/class/net/{iface}/mtu", timeout=60)
