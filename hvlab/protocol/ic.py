@@ -26,6 +26,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hvlab.protocol.errors import FieldError
+
 PIPE_HDR_SIZE = 8
 """sizeof(struct vmbuspipe_hdr)."""
 ICMSG_HDR_SIZE = 20
@@ -115,14 +117,11 @@ _TIMESYNC_V4 = struct.Struct("<QQBBB3x")
 _TIMESYNC_V3 = struct.Struct("<QQQB")
 
 
-class IcError(ValueError):
+class IcError(FieldError):
     """An IC message that is too short or inconsistent (``field`` and ``value`` say what)."""
 
-    def __init__(self, field: str, value: int, detail: str) -> None:
-        super().__init__(f"IC {field}={value}: {detail}")
-        self.field = field
-        self.value = value
-        self.detail = detail
+    what = "IC"
+    hex_value = False
 
 
 @dataclass

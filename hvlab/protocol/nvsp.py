@@ -23,6 +23,8 @@ from typing import Any
 
 import construct as c
 
+from hvlab.protocol.errors import FieldError
+
 NVSP_MESSAGE_SIZE = 40
 """sizeof(struct nvsp_message): what both sides send (except guest receive completions, 8 bytes)."""
 RECV_COMPLETION_SIZE = 8
@@ -126,14 +128,10 @@ def guest_ndis_version(version: int) -> tuple[int, int]:
     return (6, 1) if version <= Version.V4 else (6, 30)
 
 
-class NvspError(ValueError):
+class NvspError(FieldError):
     """An NVSP message that is too short or has a bad field (``field``/``value`` say which)."""
 
-    def __init__(self, field: str, value: int, detail: str) -> None:
-        super().__init__(f"NVSP {field}={value:#x}: {detail}")
-        self.field = field
-        self.value = value
-        self.detail = detail
+    what = "NVSP"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 
 import construct as c
 
+from hvlab.protocol.errors import FieldError
 from hvlab.protocol.nvsp import flat_struct
 
 HEADER_SIZE = 8
@@ -147,14 +148,10 @@ TXCSUM_TCP = 1 << 2
 TXCSUM_UDP = 1 << 3
 
 
-class RndisError(ValueError):
+class RndisError(FieldError):
     """A malformed RNDIS message or OID payload (``field``/``value`` name the culprit)."""
 
-    def __init__(self, field: str, value: int, detail: str) -> None:
-        super().__init__(f"RNDIS {field}={value:#x}: {detail}")
-        self.field = field
-        self.value = value
-        self.detail = detail
+    what = "RNDIS"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import construct as c
 
+from hvlab.protocol.errors import FieldError
+
 DESCRIPTOR_SIZE = 16
 """sizeof(struct vmpacket_descriptor)."""
 TRAILER_SIZE = 8
@@ -55,14 +57,10 @@ class PacketType(enum.IntEnum):
     ADDITIONAL_DATA = 0xD
 
 
-class PacketError(ValueError):
+class PacketError(FieldError):
     """A ring packet whose descriptor or extra header is inconsistent (field, value say which)."""
 
-    def __init__(self, field: str, value: int, detail: str) -> None:
-        super().__init__(f"bad VMBus packet: {field}={value:#x}: {detail}")
-        self.field = field
-        self.value = value
-        self.detail = detail
+    what = "bad VMBus packet:"
 
 
 DESCRIPTOR = c.Struct(
