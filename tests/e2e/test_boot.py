@@ -4,18 +4,12 @@ import time
 
 import pytest
 
-KERNELS = ["6.1", "6.12", "7.3"]
+from hvlab.pytest_plugin import KERNELS, retry_on_guest_panic
 
 pytestmark = pytest.mark.kvm
 
-# Known issue: under the nested runner (KVM inside QEMU TCG) a guest occasionally dies with "ENTRY_TRAMPOLINE
-# stack guard page was hit": the L0 emulator delivers one APIC interrupt twice, the second time at the first
-# instruction of its own handler with IF=0 (docs/DESIGN.md).  Boots are retried only when the guest panics;
-# any other failure, or two panics in a row, fails the test.
-flaky_nested_panic = pytest.mark.flaky(reruns=1, only_rerun=["GuestPanic"])
 
-
-@flaky_nested_panic
+@retry_on_guest_panic
 @pytest.mark.parametrize("label", KERNELS)
 def test_boot_runs_command(hvlab_guest, label):
     vm = hvlab_guest(label, smp=2)

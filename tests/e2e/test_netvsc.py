@@ -11,11 +11,9 @@ import time
 import pytest
 
 from hvlab.net import topology, traffic
-
-KERNELS = ["6.1", "6.12", "7.3"]
+from hvlab.pytest_plugin import KERNELS, retry_on_guest_panic
 
 pytestmark = pytest.mark.kvm
-flaky_nested_panic = pytest.mark.flaky(reruns=1, only_rerun=["GuestPanic"])
 
 
 def ping(vm, count=3, size=56, timeout=60):
@@ -34,7 +32,7 @@ def wait_guest(vm, command, expected, timeout=10.0):
         time.sleep(0.2)
 
 
-@flaky_nested_panic
+@retry_on_guest_panic
 @pytest.mark.parametrize("label", KERNELS)
 def test_synthetic_nic_traffic(hvlab_guest, label):
     vm = hvlab_guest(label, smp=2, pcap=True)
@@ -71,7 +69,7 @@ def test_synthetic_nic_traffic(hvlab_guest, label):
     assert nic.counters["violations"] == 0
 
 
-@flaky_nested_panic
+@retry_on_guest_panic
 @pytest.mark.parametrize("label", KERNELS)
 def test_synthetic_nic_reconfiguration(hvlab_guest, label):
     vm = hvlab_guest(label, smp=2, nics=2)

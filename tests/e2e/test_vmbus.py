@@ -9,13 +9,12 @@ import time
 
 import pytest
 
-KERNELS = ["6.1", "6.12", "7.3"]
+from hvlab.pytest_plugin import KERNELS, retry_on_guest_panic
 
 pytestmark = pytest.mark.kvm
-flaky_nested_panic = pytest.mark.flaky(reruns=1, only_rerun=["GuestPanic"])
 
 
-@flaky_nested_panic
+@retry_on_guest_panic
 @pytest.mark.parametrize("label", KERNELS)
 def test_vmbus_services_heartbeat_and_shutdown(hvlab_guest, label):
     vm = hvlab_guest(label, smp=2)
