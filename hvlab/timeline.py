@@ -61,11 +61,11 @@ class Timeline:
 
     def event(self, kind: str, **fields: Any) -> None:
         """Append one event; safe from any thread; never raises for unserialisable field values."""
-        record = {"t": round(self._clock() - self._t0, 6), "kind": kind, **fields}
-        line = json.dumps(record, default=_default, separators=(",", ":"))
-        with self._lock:
+        with self._lock:  # the clock is read under the lock so the file's times never go backwards
             if self._stream.closed:
                 return
+            record = {"t": round(self._clock() - self._t0, 6), "kind": kind, **fields}
+            line = json.dumps(record, default=_default, separators=(",", ":"))
             self._stream.write(line + "\n")
             self._stream.flush()
             self.count += 1

@@ -93,7 +93,12 @@ class Agent:
         return self._ready
 
     def wait_ready(self, timeout: float) -> None:
-        self._wait(lambda: self._ready, timeout, "the guest agent did not start")
+        try:
+            self._wait(lambda: self._ready, timeout, "the guest agent did not start")
+        except GuestError as exc:
+            if self.noise:  # what the port did carry says whether the agent's shell ran at all
+                raise GuestError(f"{exc}; the port carried {bytes(self.noise[-300:])!r}") from None
+            raise
 
     def _wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

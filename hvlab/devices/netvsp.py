@@ -257,11 +257,11 @@ class NetvspDevice(ReceivePath, VmbusDevice):
         # opens sub-channels from fresh offers, numbered 1..n (spec §3.7). Rescind them now, while the
         # guest runs its handshake, so their relids and indices are free before it asks again.
         # Hyper-V rescinds at primary close; doing it here also covers a VMBus reset, where the server
-        # re-offers every known channel. (Uses the server's rescind: no public per-channel API yet.)
+        # re-offers every known channel.
         server = self.server
         for sub in [c for c in self.channels if not c.is_primary]:
             if server is not None and sub.state in (ChannelState.OFFERED, ChannelState.OPEN):
-                server._rescind(sub)
+                server.rescind_channel(sub)
 
     def on_close(self, channel: Channel) -> None:
         if channel.is_primary:

@@ -210,9 +210,20 @@ class Vcpu:
         self.run_struct = abi.kvm_run.from_buffer(self._mm)
         self.run_buf = memoryview(self._mm)
         self.thread: threading.Thread | None = None
+        self.activity: tuple[str | int, float] = ("idle", 0.0)
+        """What the vCPU's thread is doing since when (monotonic): "guest" inside KVM_RUN, an exit
+        kind while user space handles it, "idle" before start and after the loop ends."""
+        self.sample_request = threading.Event()
+        self.sample: str | None = None
 
     def _ioctl(self, request: int, arg=None, name: str = "") -> int:
         return ioctl(self.fd, request, arg, name=name)
+
+    def get_lapic(self) -> bytes:
+        """The in-kernel local APIC's 1 KiB register page (IRR at 0x200, ISR at 0x100, TPR at 0x80)."""
+        state = abi.kvm_lapic_state()
+        self._ioctl(abi.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
+        return bytes(state.regs)
 
     def run(self) -> int:
         """Enter the guest until the next exit; returns the exit reason (``abi.KVM_EXIT_*``)."""

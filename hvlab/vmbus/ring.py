@@ -207,6 +207,11 @@ class RingBuffer:
     def feature_bits(self, value: int) -> None:
         self._ctl[_FEATURE_BITS] = value
 
+    def control(self) -> dict[str, int]:
+        """The raw control fields, for diagnostics (unvalidated: the guest may have scribbled on them)."""
+        return {"write_index": self.write_index, "read_index": self.read_index,
+                "interrupt_mask": self.interrupt_mask, "pending_send_sz": self.pending_send_sz}
+
     def init_header(self) -> None:
         """What the guest does before opening (ring_buffer.c:hv_ringbuffer_init): zero the control
         page and advertise feat_pending_send_sz."""

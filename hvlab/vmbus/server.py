@@ -245,6 +245,9 @@ class VmbusServer:
                         "packets_out": ch.packets_out,
                         "signals_in": ch.signals_in,
                         "signals_out": ch.signals_out,
+                        "blocked": ch.blocked,
+                        "guest_to_host": ch.reader.ring.control() if ch.reader is not None else None,
+                        "host_to_guest": ch.writer.ring.control() if ch.writer is not None else None,
                     }
                     for ch in sorted(self.channels.values(), key=lambda c: c.relid)
                 ],
@@ -310,6 +313,14 @@ class VmbusServer:
             self._event("vmbus.device", device=device.name, action="remove")
             for channel in sorted(device.channels, key=lambda c: -c.sub_channel_index):
                 self._rescind(channel)
+
+    def rescind_channel(self, channel: Channel) -> None:
+        """Rescind one channel (e.g. a stale netvsc sub-channel) without removing its device: the guest
+        closes it and sends RELID_RELEASED; the relid stays reserved until then."""
+        with self.lock:
+            if self.channels.get(channel.relid) is not channel:
+                raise ValueError(f"{channel!r} is not a live channel of this server")
+            self._rescind(channel)
 
     def find_device(self, class_guid: vm.GuidLike) -> list[VmbusDevice]:
         want = vm.to_uuid(class_guid)

@@ -34,6 +34,11 @@ class GuestPanic(GuestError):
     exit_code = EXIT_PANIC
 
 
+class GuestHang(GuestError):
+    """The guest is running but its agent stopped answering; the message carries where each vCPU
+    was (see GuestVM.diagnose)."""
+
+
 class VmmFailure(HvlabError):
     exit_code = EXIT_VMM_ERROR
 
@@ -148,6 +153,7 @@ class GuestVM:
         self.t_ready: float | None = None
         self.guest_iface: str | None = None
         """NIC 0's interface name in the guest, once wait_ready configured it."""
+        self.last_diagnosis = ""
 
     def _start_vmbus(self) -> None:
         """The VMBus server on the platform, its event loop, and the devices every guest gets: the
@@ -219,12 +225,36 @@ class GuestVM:
         raise GuestError(f"the guest stopped ({reason.kind}: {reason.detail})")
 
     def run(self, command: str, timeout: float = 60.0):
-        """Run a shell command in the guest (see hvlab.agent.host.Agent.run)."""
+        """Run a shell command in the guest (see hvlab.agent.host.Agent.run).  A guest that stops
+        answering raises GuestError with a diagnosis of where each vCPU is (also kept in the run
+        directory), because "no answer" alone cannot tell a hung guest from a host that stopped
+        serving it."""
         try:
             return self.agent.run(command, timeout=timeout)
-        except GuestError:
+        except GuestError as exc:
             self._raise_if_dead()
-            raise
+            path = self.diagnose(str(exc))
+            raise GuestHang(f"{exc}\n{self.last_diagnosis}\n(diagnosis kept in {path})") from exc
+
+    def diagnose(self, why: str) -> Path:
+        """Write where the vCPUs are, the VMBus channels' ring state and the console tail to
+        ``hang-N.txt`` in the run directory and the timeline; returns the file."""
+        report = self.machine.vcpu_report()
+        lock = self.machine.lock
+        if lock.acquire(timeout=2):
+            try:
+                bus = json.dumps(self.vmbus.snapshot(), indent=1)
+            finally:
+                lock.release()
+        else:
+            bus = f"(the machine lock is held elsewhere: {lock!r})"
+        self.last_diagnosis = report
+        self.timeline.event("diagnosis", why=why, vcpus=report)
+        n = sum(1 for _ in self.run_dir.glob("hang-*.txt")) + 1
+        path = self.run_dir / f"hang-{n}.txt"
+        tail = self.console.tail.decode(errors="replace")[-2000:]
+        path.write_text(f"{why}\n\n{report}\n\nVMBus:\n{bus}\n\nconsole tail:\n{tail}\n")
+        return path
 
     def shutdown(self, timeout: float = 10.0) -> StopReason:
         """Shut the guest down gracefully through the Hyper-V Shutdown service (hv_utils runs

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import errno
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +64,17 @@ class ExitStats:
 
     def total(self) -> int:
         return sum(self.by_kind.values())
+
+
+_EXIT_KINDS = {abi.KVM_EXIT_IO: "io", abi.KVM_EXIT_MMIO: "mmio", abi.KVM_EXIT_X86_RDMSR: "rdmsr",
+               abi.KVM_EXIT_X86_WRMSR: "wrmsr", abi.KVM_EXIT_HLT: "hlt", abi.KVM_EXIT_INTR: "intr"}
+
+
+def _vectors(lapic: bytes, base: int) -> str:
+    """The set bits of a 256-bit APIC vector register (eight 32-bit words, 16 bytes apart)."""
+    found = [w * 32 + b for w in range(8)
+             for b in range(32) if int.from_bytes(lapic[base + 16 * w:base + 16 * w + 4], "little") >> b & 1]
+    return "[" + ",".join(f"{v:#x}" for v in found) + "]"
 
 
 class Machine:
@@ -178,17 +191,80 @@ class Machine:
     def stopped(self) -> bool:
         return self._stop.is_set()
 
+    def vcpu_report(self, sample: bool = True) -> str:
+        """Where each vCPU is and for how long: in the guest (with RIP, IF and the local APIC's
+        pending and in-service vectors, sampled by kicking it out of KVM_RUN) or in a user-space exit
+        handler (with that thread's Python stack).  For the error a dead-looking guest raises: it tells
+        a guest stuck with interrupts off from a vCPU that stopped being woken from a host handler that
+        blocked."""
+        now = time.monotonic()
+        lines = []
+        for vcpu in self.vm.vcpus:
+            where, since = vcpu.activity
+            age = now - since if since else 0.0
+            if where == "guest":
+                line = f"vCPU {vcpu.index}: in KVM_RUN for {age:.1f} s"
+                if sample and not self.stopped and vcpu.thread is not None and vcpu.thread.is_alive():
+                    line += "; " + self._sample(vcpu)
+            elif where == "idle":
+                line = f"vCPU {vcpu.index}: not running"
+            else:
+                line = f"vCPU {vcpu.index}: handling a '{where}' exit for {age:.1f} s"
+                frame = sys._current_frames().get(vcpu.thread.ident) if vcpu.thread else None
+                if frame is not None and age > 0.5:
+                    line += "\n" + "".join(traceback.format_stack(frame)[-6:]).rstrip()
+            lines.append(line)
+        return "\n".join(lines)
+
+    def _sample(self, vcpu: Vcpu) -> str:
+        """Kick ``vcpu`` out of KVM_RUN; its thread records the registers and goes back in."""
+        vcpu.sample = None
+        vcpu.sample_request.set()
+        vcpu.run_struct.immediate_exit = 1  # in case the signal lands between two KVM_RUNs
+        try:
+            signal.pthread_kill(vcpu.thread.ident, KICK_SIGNAL)
+        except (ProcessLookupError, TypeError):
+            return "thread gone"
+        deadline = time.monotonic() + 1.0
+        while vcpu.sample is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        vcpu.sample_request.clear()
+        return vcpu.sample or "did not leave KVM_RUN within 1 s of a signal"
+
+    def _on_kick(self, vcpu: Vcpu) -> None:
+        """KVM_RUN returned early (a signal or immediate_exit): record a requested sample and re-arm.
+        stop() sets _stop before immediate_exit, so clearing it here cannot undo a stop."""
+        if not self._stop.is_set():
+            vcpu.run_struct.immediate_exit = 0
+        if vcpu.sample_request.is_set() and vcpu.sample is None:
+            self._take_sample(vcpu)
+
+    @staticmethod
+    def _take_sample(vcpu: Vcpu) -> None:
+        try:
+            regs = vcpu.get_regs()
+            lapic = vcpu.get_lapic()
+        except KvmError as exc:
+            vcpu.sample = f"registers unreadable: {exc}"
+            return
+        vcpu.sample = (f"rip {regs.rip:#x} rsp {regs.rsp:#x} IF={(regs.rflags >> 9) & 1} "
+                       f"irr {_vectors(lapic, 0x200)} isr {_vectors(lapic, 0x100)} tpr {lapic[0x80]:#x}")
+
     def _vcpu_loop(self, vcpu: Vcpu) -> None:
         run = vcpu.run_struct
         stats = self.stats
+        monotonic = time.monotonic
         try:
             while not self._stop.is_set():
+                vcpu.activity = ("guest", monotonic())
                 try:
                     reason = vcpu.run()
                 except KvmError as exc:
                     if exc.errno in (errno.EINTR, errno.EAGAIN):
+                        self._on_kick(vcpu)
                         continue
                     raise
+                vcpu.activity = (_EXIT_KINDS.get(reason, reason), monotonic())
                 if reason == abi.KVM_EXIT_IO:
                     io = run.exit.io
                     stats.by_kind["io"] += 1
@@ -219,6 +295,7 @@ class Machine:
                 elif reason in (abi.KVM_EXIT_X86_RDMSR, abi.KVM_EXIT_X86_WRMSR):
                     self._msr_exit(vcpu, reason == abi.KVM_EXIT_X86_WRMSR)
                 elif reason == abi.KVM_EXIT_INTR:
+                    self._on_kick(vcpu)
                     continue
                 elif reason == abi.KVM_EXIT_SHUTDOWN:
                     self.stop(StopReason("triple-fault", f"vCPU {vcpu.index} shut down (triple fault)"))
@@ -246,6 +323,8 @@ class Machine:
         except Exception as exc:  # a bug in a device must end the run visibly, not hang it
             self.stop(StopReason("error", f"vCPU {vcpu.index}: {type(exc).__name__}: {exc}"))
             raise
+        finally:
+            vcpu.activity = ("idle", monotonic())
 
     def _msr_exit(self, vcpu: Vcpu, write: bool) -> None:
         msr = vcpu.run_struct.exit.msr

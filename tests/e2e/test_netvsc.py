@@ -11,7 +11,7 @@ import time
 import pytest
 
 from hvlab.net import topology, traffic
-from hvlab.pytest_plugin import KERNELS, retry_on_guest_panic
+from hvlab.pytest_plugin import KERNELS, retry_on_guest_fault
 
 pytestmark = pytest.mark.kvm
 
@@ -32,7 +32,7 @@ def wait_guest(vm, command, expected, timeout=10.0):
         time.sleep(0.2)
 
 
-@retry_on_guest_panic
+@retry_on_guest_fault
 @pytest.mark.parametrize("label", KERNELS)
 def test_synthetic_nic_traffic(hvlab_guest, label):
     vm = hvlab_guest(label, smp=2, pcap=True)
@@ -69,7 +69,7 @@ def test_synthetic_nic_traffic(hvlab_guest, label):
     assert nic.counters["violations"] == 0
 
 
-@retry_on_guest_panic
+@retry_on_guest_fault
 @pytest.mark.parametrize("label", KERNELS)
 def test_synthetic_nic_reconfiguration(hvlab_guest, label):
     vm = hvlab_guest(label, smp=2, nics=2)

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from hvlab.pytest_plugin import KERNELS, retry_on_guest_panic
+from hvlab.pytest_plugin import KERNELS, retry_on_guest_fault
 
 pytestmark = pytest.mark.kvm
 
 
-@retry_on_guest_panic
+@retry_on_guest_fault
 @pytest.mark.parametrize("label", KERNELS)
 def test_vmbus_services_heartbeat_and_shutdown(hvlab_guest, label):
     vm = hvlab_guest(label, smp=2)

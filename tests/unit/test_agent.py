@@ -39,7 +39,7 @@ def agent(tmp_path):
             ag.on_output(data)
 
     threading.Thread(target=pump, daemon=True).start()
-    ag.wait_ready(10)
+    ag.wait_ready(30)  # generous: CI runs this beside a nested VM on two cores
     yield ag
     proc.kill()
     proc.wait()

@@ -432,3 +432,19 @@ def test_gpa_direct_ranges_are_read_from_guest_pages() -> None:
         host.read_gpa_range(vp.GpaRange(10, 0, (1 << 40,)))
     with pytest.raises(ValueError):
         host.read_gpa_range(vp.GpaRange(8192, 0, (pages[0],)))
+
+
+def test_rescind_one_subchannel_keeps_the_device() -> None:
+    bus, (dev,) = bus_with(1)
+    bus.connect()
+    sub = dev.offer_subchannel()
+    bus.guest.poll()
+    bus.guest.open_channel(1)
+    bus.guest.open_channel(sub.relid)
+    bus.server.rescind_channel(sub)
+    assert sub.state is ChannelState.RESCINDED and dev.primary.state is ChannelState.OPEN
+    bus.run()  # the guest closes the sub-channel and releases its relid
+    assert sub.relid not in bus.server.channels and dev in bus.server.devices
+    assert [c.sub_channel_index for c in dev.channels] == [0] and not bus.server.violations
+    with pytest.raises(ValueError):
+        bus.server.rescind_channel(sub)  # released: no longer this server's
