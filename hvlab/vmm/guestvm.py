@@ -43,6 +43,11 @@ class VmmFailure(HvlabError):
     exit_code = EXIT_VMM_ERROR
 
 
+class GuestTripleFault(VmmFailure):
+    """A vCPU shut down (KVM_EXIT_SHUTDOWN) without a panic message: the guest could not even run its
+    double-fault handler."""
+
+
 @dataclass
 class GuestVMConfig:
     kernel: object  # hvlab.guest.kernels.Kernel
@@ -220,7 +225,10 @@ class GuestVM:
             return
         if reason.kind == "panic":
             raise GuestPanic(f"the guest kernel panicked: {reason.detail} (console: {self.run_dir / 'console.log'})")
-        if reason.kind in ("error", "triple-fault"):
+        if reason.kind == "triple-fault":
+            raise GuestTripleFault(f"the guest triple-faulted: {reason.detail} "
+                                   f"(console: {self.run_dir / 'console.log'})")
+        if reason.kind == "error":
             raise VmmFailure(f"the VM failed: {reason.detail} (console: {self.run_dir / 'console.log'})")
         raise GuestError(f"the guest stopped ({reason.kind}: {reason.detail})")
 

@@ -231,6 +231,16 @@ class Machine:
         vcpu.sample_request.clear()
         return vcpu.sample or "did not leave KVM_RUN within 1 s of a signal"
 
+    @staticmethod
+    def _fault_state(vcpu: Vcpu) -> str:
+        """The registers that say where a guest died (RIP, RSP, CR2 of the last page fault, IF)."""
+        try:
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        except KvmError as exc:
+            return f"(registers unreadable: {exc})"
+        return (f"at rip {regs.rip:#x} rsp {regs.rsp:#x} cr2 {sregs.cr2:#x} "
+                f"IF={(regs.rflags >> 9) & 1}")
+
     def _on_kick(self, vcpu: Vcpu) -> None:
         """KVM_RUN returned early (a signal or immediate_exit): record a requested sample and re-arm.
         stop() sets _stop before immediate_exit, so clearing it here cannot undo a stop."""
@@ -298,7 +308,8 @@ class Machine:
                     self._on_kick(vcpu)
                     continue
                 elif reason == abi.KVM_EXIT_SHUTDOWN:
-                    self.stop(StopReason("triple-fault", f"vCPU {vcpu.index} shut down (triple fault)"))
+                    self.stop(StopReason("triple-fault", f"vCPU {vcpu.index} shut down (triple fault) "
+                                                         f"{self._fault_state(vcpu)}"))
                 elif reason == abi.KVM_EXIT_SYSTEM_EVENT:
                     kind = run.exit.system_event.type
                     if kind == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
