@@ -30,8 +30,8 @@ retry_on_guest_fault = pytest.mark.flaky(reruns=2, only_rerun=["GuestPanic", "Gu
 (GuestPanic), it stopped answering while its VM ran on (GuestHang) or a vCPU triple-faulted
 (GuestTripleFault). Under the nested runner the L0 emulator's SVM event injection occasionally
 corrupts a guest in one of these three ways (docs/DESIGN.md, "Known issues"; about one test in 15 in a
-CI run). Any other failure, or three faults in a row, still fails the test; pytest lists every rerun
-(``-rR``) with the first attempt's error, and a hang leaves ``hang-N.txt`` (where each vCPU was) in
+CI run). Any other failure, or three faults in a row, still fails the test; the terminal summary names
+every rerun with the fault that caused it (pytest_terminal_summary below), and a hang leaves ``hang-N.txt`` (where each vCPU was) in
 its run directory. Needs pytest-rerunfailures (the ``test`` extra)."""
 
 
@@ -146,6 +146,22 @@ class _NestedBatch:
 
 
 _batch_key = pytest.StashKey[_NestedBatch]()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name the guest fault behind every rerun (pytest-rerunfailures lists only the test ids), so a
+    green run still shows which platform faults it absorbed, with a hang's vCPU report."""
+    reruns = terminalreporter.stats.get("rerun", [])
+    if not reruns:
+        return
+    terminalreporter.write_sep("=", f"hvlab: {len(reruns)} rerun(s) after a guest fault", yellow=True)
+    for report in reruns:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = getattr(crash, "message", None) or str(report.longrepr).strip().splitlines()[-1:]
+        lines = str(message).splitlines()
+        terminalreporter.write_line(f"{report.nodeid}: {lines[0] if lines else '?'}")
+        for line in lines[1:12]:
+            terminalreporter.write_line(f"    {line}")
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection, so L1 runs only the selected tests
