@@ -37,6 +37,7 @@ from typing import Any
 from hvlab.devices.netvsp_offload import finish_offloads
 from hvlab.devices.netvsp_rx import ReceivePath, _Buffer
 from hvlab.devices.rndis_host import RndisHost
+from hvlab.net.switch import mac_bytes
 from hvlab.protocol import nvsp, rndis
 from hvlab.protocol import vmbus as vm
 from hvlab.protocol import vmbus_packet as vp
@@ -59,13 +60,6 @@ RX_PPI_SPACE = 3 * 16
 ETH_P_8021Q = 0x8100
 MAX_BACKLOG = 65536
 """Packets queued per channel while the guest's inbound ring is full (the guest's request ids bound it)."""
-
-
-def parse_mac(mac: str | bytes) -> bytes:
-    raw = mac if isinstance(mac, bytes) else bytes.fromhex(mac.replace(":", "").replace("-", ""))
-    if len(raw) != 6:
-        raise ValueError(f"MAC {mac!r} is not 6 bytes")
-    return raw
 
 
 class NetvspDevice(ReceivePath, VmbusDevice):
@@ -103,7 +97,7 @@ class NetvspDevice(ReceivePath, VmbusDevice):
         rx_batch: int = 64,
     ) -> None:
         super().__init__(instance_guid, name=name)
-        self.mac = parse_mac(mac)
+        self.mac = mac_bytes(mac)
         self.scheduler = scheduler
         self.timeline = timeline
         self.max_subchannels = max(0, min(max_subchannels, 63))

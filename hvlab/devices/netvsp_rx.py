@@ -21,6 +21,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from hvlab.net.switch import BROADCAST_MAC
 from hvlab.protocol import nvsp, rndis
 from hvlab.protocol import vmbus_packet as vp
 from hvlab.vmbus.channel import Channel, GpadlBuffer
@@ -123,7 +124,7 @@ class ReceivePath:
         if flt & rndis.FILTER_PROMISCUOUS:
             return True
         dst = bytes(frame[:6])
-        if dst == b"\xff" * 6:
+        if dst == BROADCAST_MAC:
             return bool(flt & rndis.FILTER_BROADCAST)
         if dst[0] & 1:
             return bool(flt & (rndis.FILTER_ALL_MULTICAST | rndis.FILTER_MULTICAST))

@@ -73,6 +73,9 @@ def mac_str(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+BROADCAST_MAC = b"\xff" * 6
+
+
 def is_multicast(mac: bytes) -> bool:
     """True for group addresses (broadcast included): the I/G bit of the first octet."""
     return bool(mac[0] & 1)

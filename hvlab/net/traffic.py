@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from hvlab.net.pcap import read_pcap
-from hvlab.net.switch import Port, Switch, mac_bytes, mac_str
+from hvlab.net.switch import BROADCAST_MAC, Port, Switch, mac_bytes, mac_str
 from hvlab.net.topology import RESPONDER_IP, RESPONDER_MAC, UDP_ECHO_PORT, check_test_address
 
 log = logging.getLogger("hvlab.net")
@@ -49,7 +49,7 @@ log = logging.getLogger("hvlab.net")
 FLOW_MAGIC = b"HVFL"
 FLOW_HEADER = struct.Struct("!4sIQQ")
 ETH_IPV4, ETH_ARP = b"\x08\x00", b"\x08\x06"
-BROADCAST = b"\xff" * 6
+BROADCAST = BROADCAST_MAC
 #: Ethernet + IPv4 + UDP header bytes in front of a flow payload.
 UDP_OVERHEAD = 14 + 20 + 8
 

@@ -29,7 +29,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from hvlab.net.switch import mac_bytes
+from hvlab.net.switch import BROADCAST_MAC, mac_bytes
 from hvlab.protocol import vmxnet3 as V
 from hvlab.vf import offload
 from hvlab.vfio_user.device import DmaError, PciDevice
@@ -603,13 +603,18 @@ class Vmxnet3(PciDevice):
             frames = [offload.insert_vlan(f, sop.tci) for f in frames]
         return frames
 
+    def _count_ok(self, stats: Counter, direction: str, frame: bytes) -> None:
+        """The per-queue UPT1 counters (ucast/mcast/bcast Pkts/Bytes ``direction``OK) and the device's
+        totals for one good frame; ``direction`` is "Tx" or "Rx"."""
+        kind = "bcast" if frame[:6] == BROADCAST_MAC else "mcast" if frame[0] & 1 else "ucast"
+        stats[f"{kind}Pkts{direction}OK"] += 1
+        stats[f"{kind}Bytes{direction}OK"] += len(frame)
+        low = direction.lower()
+        self.counters[f"{low}_frames"] += 1
+        self.counters[f"{low}_bytes"] += len(frame)
+
     def _emit(self, q: TxQueue, frame: bytes) -> None:
-        dst = frame[:6]
-        kind = "bcast" if dst == b"\xff" * 6 else "mcast" if dst[0] & 1 else "ucast"
-        q.stats[f"{kind}PktsTxOK"] += 1
-        q.stats[f"{kind}BytesTxOK"] += len(frame)
-        self.counters["tx_frames"] += 1
-        self.counters["tx_bytes"] += len(frame)
+        self._count_ok(q.stats, "Tx", frame)
         if not self.link_up or self.port is None:
             q.stats["pktsTxDiscard"] += 1
             self.counters["tx_dropped " + ("link-down" if self.port else "no-port")] += 1
@@ -645,12 +650,7 @@ class Vmxnet3(PciDevice):
                 q.stats["pktsRxOutOfBuf" if reason == "no-rx-buffer" else "pktsRxError"] += 1
                 self.counters[f"rx_dropped {reason}"] += 1
                 return reason
-            dst = frame[:6]
-            kind = "bcast" if dst == b"\xff" * 6 else "mcast" if dst[0] & 1 else "ucast"
-            q.stats[f"{kind}PktsRxOK"] += 1
-            q.stats[f"{kind}BytesRxOK"] += len(frame)
-            self.counters["rx_frames"] += 1
-            self.counters["rx_bytes"] += len(frame)
+            self._count_ok(q.stats, "Rx", frame)
         self.raise_intr(q.intr)
         return None
 
@@ -665,7 +665,7 @@ class Vmxnet3(PciDevice):
             vid = int.from_bytes(frame[14:16], "big") & 0xFFF
             if not self.vlan_table[vid >> 3] >> (vid & 7) & 1:
                 return False
-        if dst == b"\xff" * 6:
+        if dst == BROADCAST_MAC:
             return bool(mode & V.RXM_BCAST)
         if dst[0] & 1:
             return bool(mode & V.RXM_ALL_MULTI) or bool(mode & V.RXM_MCAST and dst in self.mcast)

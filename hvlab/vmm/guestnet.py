@@ -16,12 +16,13 @@ from typing import Any
 
 from hvlab.errors import GuestError
 from hvlab.net import topology
+from hvlab.net.switch import mac_bytes, mac_str
 
 
 def nic_mac(index: int) -> str:
     """00:15:5d:00:02:02 for NIC 0, then :03, :04, ... (Hyper-V's OUI, as Hyper-V assigns)."""
-    base = int(topology.GUEST_MAC.replace(":", ""), 16) + index
-    return ":".join(f"{b:02x}" for b in base.to_bytes(6, "big"))
+    base = int.from_bytes(mac_bytes(topology.GUEST_MAC), "big") + index
+    return mac_str(base.to_bytes(6, "big"))
 
 
 class GuestNetwork:
