@@ -211,8 +211,8 @@ class Vcpu:
         self.run_buf = memoryview(self._mm)
         self.thread: threading.Thread | None = None
         self.activity: tuple[str | int, float] = ("idle", 0.0)
-        """What the vCPU's thread is doing since when (monotonic): "guest" inside KVM_RUN, an exit
-        kind while user space handles it, "idle" before start and after the loop ends."""
+        """What the vCPU's thread is doing since when (monotonic): "guest" inside KVM_RUN, the
+        exit reason (``abi.KVM_EXIT_*``) while user space handles it, "idle" before start and after."""
         self.sample_request = threading.Event()
         self.sample: str | None = None
 

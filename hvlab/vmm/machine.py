@@ -209,7 +209,8 @@ class Machine:
             elif where == "idle":
                 line = f"vCPU {vcpu.index}: not running"
             else:
-                line = f"vCPU {vcpu.index}: handling a '{where}' exit for {age:.1f} s"
+                kind = _EXIT_KINDS.get(where, where)
+                line = f"vCPU {vcpu.index}: handling a '{kind}' exit for {age:.1f} s"
                 frame = sys._current_frames().get(vcpu.thread.ident) if vcpu.thread else None
                 if frame is not None and age > 0.5:
                     line += "\n" + "".join(traceback.format_stack(frame)[-6:]).rstrip()
@@ -274,7 +275,7 @@ class Machine:
                         self._on_kick(vcpu)
                         continue
                     raise
-                vcpu.activity = (_EXIT_KINDS.get(reason, reason), monotonic())
+                vcpu.activity = (reason, monotonic())  # named only when reported: this is per exit
                 if reason == abi.KVM_EXIT_IO:
                     io = run.exit.io
                     stats.by_kind["io"] += 1
