@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import select
 import shutil
 import statistics
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import machine, write_result
 
 CMDLINE = "console=ttyS0 panic=-1 reboot=acpi quiet loglevel=3"  # GuestVM's default command line
 READY = b"@@HVLAB READY"
@@ -157,19 +158,12 @@ def bench_kernel(label: str, runs: int, qemu: str | None, qemu_timeout: float) -
     return row
 
 
-def this_machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "?")
-    return {"cpus": os.cpu_count(), "cpu": model, "kernel": platform.release(),
-            "python": platform.python_version()}
-
-
 def run_nested(argv: list[str], out: Path | None) -> int:
     """Re-run this script in the nested runner's L1, handing it this machine's facts."""
     cmd = ["hvlab", "exec", "--timeout", "1800"]
     if out is not None:
         cmd += ["--rw", str(out.resolve().parent)]
-    env = dict(os.environ, HVLAB_BENCH_HOST=json.dumps(this_machine()))
+    env = dict(os.environ, HVLAB_BENCH_HOST=json.dumps(machine()))
     return subprocess.call(cmd + ["--", sys.executable, str(Path(__file__).resolve()), *argv], env=env)
 
 
@@ -204,16 +198,13 @@ def main() -> int:
         "where": ("inside the nested runner's L1 VM (KVM nested under QEMU TCG on the host)" if nested
                   else "directly on this machine's KVM"),
         "host": json.loads(os.environ["HVLAB_BENCH_HOST"]) if os.environ.get("HVLAB_BENCH_HOST") else None,
-        "kvm_machine": this_machine(),
+        "kvm_machine": machine(),
         "qemu": version,
         "qemu_cpu": QEMU_CPU,
         "guest": {"smp": 2, "mem_mib": 1024, "cmdline": CMDLINE, "runs": args.runs},
         "results": rows,
     }
-    text = json.dumps(record, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result(record, args.out)
     return 0
 
 

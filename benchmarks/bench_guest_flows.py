@@ -12,12 +12,11 @@ order. Exit status 1 if any flow lost, duplicated or reordered a datagram.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from benchlib import machine, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -65,15 +64,11 @@ def main() -> int:
     out = {
         "benchmark": "UDP flows with a real guest (hv_netvsc <-> netvsp <-> switch <-> responder)",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"os": "Debian 12", "cpus": os.cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "guest": {"kernel": a.kernel, "smp": 2, "payload_bytes": a.size},
         "results": results, "switch_balance": balance, "run_dir": str(vm.run_dir),
     }
-    print(json.dumps(out, indent=2))
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(out, a.out)
     clean = all(r["receiver"]["lost"] == r["receiver"]["duplicates"] == r["receiver"]["reordered"] == 0
                 and r["pcaps_complete_in_order"] for r in results.values())
     return 0 if clean else 1

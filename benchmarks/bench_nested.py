@@ -7,14 +7,14 @@ Two commands are timed: a shell one (L1 boot + 9p root) and a Python one (adds P
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchlib import machine, write_result
 
 PROBE = ("import time, sys; print('T', time.time()); "
          "m = dict(l.split(':', 1) for l in open('/proc/meminfo')); "
@@ -49,15 +49,12 @@ def main() -> None:
     record = {
         "benchmark": "nested runner start-up",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpus": __import__("os").cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "l1": "QEMU 7.2 TCG single-threaded, -cpu EPYC,+svm,+npt, -smp 2, 6144 MiB; Debian 6.12 generic L1 kernel",
         "runs": args.runs, "median": results,
         "host_peak_child_rss_mib": round(qemu_rss, 1),
     }
-    print(json.dumps(record, indent=2))
-    if args.out:
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_result(record, args.out)
 
 
 if __name__ == "__main__":

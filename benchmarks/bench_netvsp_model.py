@@ -15,11 +15,10 @@ being the guest model and the ring code on the guest side — what a real guest 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from typing import Any
+
+from benchlib import machine, write_result
 
 from hvlab.vmbus.netvsc_model import make_testbed
 
@@ -116,21 +115,13 @@ def main() -> None:
     doc = {
         "benchmark": "netvsp device vs netvsc guest model, in-process",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "kernel": platform.release(),
-            "python": platform.python_version(),
-            "where": "host (Debian 12), no VM",
-            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-            "note": "machine shared by 5 engineers: expect ±30 % between runs",
-        },
+        "machine": machine(),
+        "where": "host (Debian 12), no VM",
+        "note": "machine shared by 5 engineers: expect ±30 % between runs",
         "setup": "one channel, 512 KiB rings, 2048 receive sections of 1728 B, 170 send sections of 6144 B",
         "results": results,
     }
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2)
-            fh.write("\n")
+    write_result(doc, args.out, echo=False)
 
 
 if __name__ == "__main__":

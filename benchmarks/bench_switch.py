@@ -15,15 +15,14 @@ Cases (each the median of --runs runs of --frames frames, sent flat out from one
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchlib import machine, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -130,15 +129,13 @@ def main() -> None:
     out = {
         "benchmark": "virtual switch throughput (in process)",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"os": "Debian 12", "cpus": os.cpu_count(), "kernel": platform.release(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "where": "host, in process (no VM), nice -n 10, other engineers' jobs sharing the 2 cores",
         "frames_per_run": a.frames, "runs": a.runs, "statistic": "median",
         "results": results,
     }
+    write_result(out, a.out, echo=False)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {a.out}")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,31 +48,6 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
-
-
-def machine() -> dict:
-    mem = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem = int(line.split()[1]) >> 20
-    except OSError:
-        pass
-    return {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(), "mem_gib": mem,
-            "python": platform.python_version(), "cpu": _cpu_model(),
-            "loadavg_at_start": os.getloadavg()}  # the machine is shared: say how busy it was
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "?"
 
 
 class CountingPort:
@@ -198,15 +172,14 @@ def main() -> int:
     ap.add_argument("--kernel", default="6.12")
     ap.add_argument("--no-qemu", action="store_true")
     args = ap.parse_args()
+    from benchlib import machine, write_result
+
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
               "in_process": in_process(args.reads, args.frames)}
     print(json.dumps(result["in_process"]), file=sys.stderr)
     if not args.no_qemu:
         result["qemu_tcg"] = under_qemu(args.kernel)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result(result, args.out)
     return 0
 
 
