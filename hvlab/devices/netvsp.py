@@ -37,6 +37,7 @@ from typing import Any
 from hvlab.devices.netvsp_offload import finish_offloads
 from hvlab.devices.netvsp_rx import ReceivePath, _Buffer
 from hvlab.devices.rndis_host import RndisHost
+from hvlab.net.frames import insert_vlan
 from hvlab.net.switch import mac_bytes
 from hvlab.protocol import nvsp, rndis
 from hvlab.protocol import vmbus as vm
@@ -57,7 +58,6 @@ GUEST_MAX_PACKET = 4624
 """NETVSC_MAX_PKT_SIZE: the guest truncates longer host packets."""
 RX_PPI_SPACE = 3 * 16
 """Checksum + hash + VLAN PPIs, 16 bytes each."""
-ETH_P_8021Q = 0x8100
 MAX_BACKLOG = 65536
 """Packets queued per channel while the guest's inbound ring is full (the guest's request ids bound it)."""
 
@@ -563,7 +563,7 @@ class NetvspDevice(ReceivePath, VmbusDevice):
         if vlan:
             vid, pri, cfi = rndis.parse_vlan(vlan)
             tci = (pri << 13) | (cfi << 12) | vid
-            out = out[:12] + struct.pack(">HH", ETH_P_8021Q, tci) + out[12:]
+            out = insert_vlan(out, tci)
         if not self.link_up:
             self.counters["tx_drop.link-down"] += 1
             return

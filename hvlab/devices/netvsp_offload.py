@@ -15,28 +15,17 @@ from __future__ import annotations
 
 import struct
 
+from hvlab.net.frames import inet_checksum, l3_header, ones_sum
 from hvlab.protocol import rndis
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 
 
-def inet_checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
-    """RFC 1071 ones-complement sum, returned ready to store little-endian-packed ("<H")."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    total = initial + sum(memoryview(bytes(data)).cast("H"))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def _pseudo_sum(frame: bytearray, l3: int, ipv6: bool, proto: int, l4_len: int) -> int:
     if ipv6:
-        header = bytes(frame[l3 + 8 : l3 + 40]) + struct.pack(">IxxxB", l4_len, proto)
-    else:
-        header = bytes(frame[l3 + 12 : l3 + 20]) + struct.pack(">xBH", proto, l4_len)
-    return sum(memoryview(header).cast("H"))
+        return ones_sum(bytes(frame[l3 + 8 : l3 + 40]) + struct.pack(">IxxxB", l4_len, proto))
+    return ones_sum(bytes(frame[l3 + 12 : l3 + 20]) + struct.pack(">xBH", proto, l4_len))
 
 
 def _fill_l4(frame: bytearray, l3: int, l4: int, end: int, ipv6: bool, proto: int) -> None:
@@ -47,11 +36,7 @@ def _fill_l4(frame: bytearray, l3: int, l4: int, end: int, ipv6: bool, proto: in
     value = inet_checksum(frame[l4:end], _pseudo_sum(frame, l3, ipv6, proto, end - l4))
     if proto == IPPROTO_UDP and value == 0:
         value = 0xFFFF
-    frame[csum_at : csum_at + 2] = struct.pack("<H", value)
-
-
-def _l3(frame: bytearray) -> int:
-    return 18 if frame[12:14] == b"\x81\x00" else 14
+    frame[csum_at : csum_at + 2] = struct.pack(">H", value)
 
 
 def finish_offloads(frame: bytes, info: rndis.PacketInfo) -> tuple[bytes, str | None]:
@@ -62,7 +47,10 @@ def finish_offloads(frame: bytes, info: rndis.PacketInfo) -> tuple[bytes, str | 
     if not lso and not csum:
         return frame, None
     out = bytearray(frame)
-    l3 = _l3(out)
+    header = l3_header(out)
+    if header is None:
+        raise ValueError(f"a {len(out)}-byte frame has no L3 header")
+    l3 = header[1]
     if lso:
         _mss, l4, ipv6 = rndis.parse_lso(lso)
         proto = IPPROTO_TCP
@@ -85,7 +73,7 @@ def finish_offloads(frame: bytes, info: rndis.PacketInfo) -> tuple[bytes, str | 
             out[l3 + 2 : l3 + 4] = struct.pack(">H", len(out) - l3)
             ihl = (out[l3] & 0xF) * 4
             out[l3 + 10 : l3 + 12] = b"\0\0"
-            out[l3 + 10 : l3 + 12] = struct.pack("<H", inet_checksum(out[l3 : l3 + ihl]))
+            out[l3 + 10 : l3 + 12] = struct.pack(">H", inet_checksum(out[l3 : l3 + ihl]))
     if ipv6:
         end = l3 + 40 + struct.unpack_from(">H", out, l3 + 4)[0]
     else:

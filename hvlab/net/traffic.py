@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvlab.net.frames import inet_checksum
 from hvlab.net.pcap import read_pcap
 from hvlab.net.switch import BROADCAST_MAC, Port, Switch, mac_bytes, mac_str
 from hvlab.net.topology import RESPONDER_IP, RESPONDER_MAC, UDP_ECHO_PORT, check_test_address
@@ -52,17 +53,6 @@ ETH_IPV4, ETH_ARP = b"\x08\x00", b"\x08\x06"
 BROADCAST = BROADCAST_MAC
 #: Ethernet + IPv4 + UDP header bytes in front of a flow payload.
 UDP_OVERHEAD = 14 + 20 + 8
-
-
-def inet_checksum(data: bytes) -> int:
-    """RFC 1071 Internet checksum, fast in pure Python: the ones'-complement sum of 16-bit words equals the
-    number's value modulo 0xffff (2**16 == 1 mod 0xffff), so one big-int conversion replaces the word loop."""
-    if len(data) % 2:
-        data += b"\0"
-    s = int.from_bytes(data, "big") % 0xFFFF
-    if s == 0:  # the folded sum is 0 only for all-zero data, else 0xffff
-        return 0xFFFF if data.count(0) == len(data) else 0
-    return 0xFFFF - s
 
 
 def _ip_bytes(ip: str) -> bytes:

@@ -9,20 +9,9 @@ from __future__ import annotations
 
 import struct
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
-ETH_P_8021Q = 0x8100
+from hvlab.net.frames import ETH_P_IP, ETH_P_IPV6, inet_checksum, l3_header, ones_sum
+
 IPPROTO_TCP = 6
-
-
-def csum_add(data: bytes | bytearray | memoryview, start: int = 0) -> int:
-    """One's-complement sum of ``data`` (16-bit big-endian words) folded to 16 bits, added to ``start``."""
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    total = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 def insert_checksum(frame: bytearray, start: int, field: int) -> bool:
@@ -30,33 +19,14 @@ def insert_checksum(frame: bytearray, start: int, field: int) -> bool:
     sum already; sum from ``start`` to the end and store the complement there. False when out of range."""
     if start >= len(frame) or field < start or field + 2 > len(frame):
         return False
-    frame[field:field + 2] = struct.pack("!H", ~csum_add(frame[start:]) & 0xFFFF)
+    frame[field:field + 2] = struct.pack("!H", inet_checksum(frame[start:]))
     return True
-
-
-def insert_vlan(frame: bytes, tci: int) -> bytes:
-    """Insert an 802.1Q tag after the MAC addresses."""
-    return frame[:12] + struct.pack("!HH", ETH_P_8021Q, tci) + frame[12:]
-
-
-def _l3(frame: bytes) -> tuple[int, int] | None:
-    """(ethertype, offset of the L3 header), looking through one VLAN tag."""
-    if len(frame) < 14:
-        return None
-    etype = struct.unpack_from("!H", frame, 12)[0]
-    off = 14
-    if etype == ETH_P_8021Q:
-        if len(frame) < 18:
-            return None
-        etype = struct.unpack_from("!H", frame, 16)[0]
-        off = 18
-    return etype, off
 
 
 def tso_segments(frame: bytes, hlen: int, mss: int) -> list[bytes] | None:
     """Cut a TSO super-frame (headers of ``hlen`` bytes, TCP over IPv4/IPv6) into MSS-sized frames with
     correct lengths, IDs, sequence numbers, flags and checksums. None if the headers do not parse."""
-    l3 = _l3(frame)
+    l3 = l3_header(frame)
     if l3 is None or mss <= 0 or hlen >= len(frame) or hlen > len(frame):
         return None
     etype, ip_off = l3
@@ -97,12 +67,12 @@ def tso_segments(frame: bytes, hlen: int, mss: int) -> list[bytes] | None:
             ident = struct.unpack_from("!H", frame, ip_off + 4)[0]
             struct.pack_into("!H", seg, ip_off + 4, (ident + i) & 0xFFFF)
             struct.pack_into("!H", seg, ip_off + 10, 0)
-            struct.pack_into("!H", seg, ip_off + 10, ~csum_add(seg[ip_off:tcp_off]) & 0xFFFF)
+            struct.pack_into("!H", seg, ip_off + 10, inet_checksum(seg[ip_off:tcp_off]))
             pseudo = bytes(seg[ip_off + 12:ip_off + 20]) + struct.pack("!BBH", 0, IPPROTO_TCP, tcp_len)
         else:
             struct.pack_into("!H", seg, ip_off + 4, len(seg) - ip_off - 40)
             pseudo = bytes(seg[ip_off + 8:ip_off + 40]) + struct.pack("!IxxxB", tcp_len, IPPROTO_TCP)
         struct.pack_into("!H", seg, tcp_off + 16, 0)
-        struct.pack_into("!H", seg, tcp_off + 16, ~csum_add(seg[tcp_off:], csum_add(pseudo)) & 0xFFFF)
+        struct.pack_into("!H", seg, tcp_off + 16, inet_checksum(seg[tcp_off:], ones_sum(pseudo)))
         out.append(bytes(seg))
     return out

@@ -29,6 +29,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from hvlab.net.frames import insert_vlan
 from hvlab.net.switch import BROADCAST_MAC, mac_bytes
 from hvlab.protocol import vmxnet3 as V
 from hvlab.vf import offload
@@ -600,7 +601,7 @@ class Vmxnet3(PciDevice):
         elif sop.om != V.OM_NONE:
             self._violation(where, "om", f"offload mode {sop.om} not offered; sent as is")
         if sop.ti:
-            frames = [offload.insert_vlan(f, sop.tci) for f in frames]
+            frames = [insert_vlan(f, sop.tci) for f in frames]
         return frames
 
     def _count_ok(self, stats: Counter, direction: str, frame: bytes) -> None:

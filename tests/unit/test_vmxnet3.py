@@ -225,17 +225,17 @@ def test_tx_checksum_offload(port, active):
     ip = bytes.fromhex("4500001c000000004011") + b"\0\0" + bytes([192, 0, 2, 2, 192, 0, 2, 1])
     udp = struct.pack("!HHHH", 1000, 2000, 8, 0)
     # CHECKSUM_PARTIAL: the stack seeds the UDP checksum field with the pseudo-header sum.
-    from hvlab.vf import offload
+    from hvlab.net import frames
     pseudo = ip[12:20] + struct.pack("!BBH", 0, 17, 8)
-    udp = udp[:6] + struct.pack("!H", offload.csum_add(pseudo))
+    udp = udp[:6] + struct.pack("!H", frames.ones_sum(pseudo))
     f = frame_to(PEER, ip + udp + bytes(18))
     active.send(f, om=V.OM_CSUM, hlen=34, msscof=34 + 6)  # as Linux: field offset from frame start
     out = port.sent[0]
-    assert offload.csum_add(out[34:42], offload.csum_add(pseudo)) == 0xFFFF
+    assert frames.ones_sum(out[34:42], frames.ones_sum(pseudo)) == 0xFFFF
 
 
 def test_tso_segments(port, active):
-    from hvlab.vf import offload
+    from hvlab.net import frames
     payload = bytes(range(256)) * 10
     ip = bytearray(bytes.fromhex("45000000123440004006") + b"\0\0" + bytes([192, 0, 2, 2, 192, 0, 2, 1]))
     tcp = struct.pack("!HHIIBBHHH", 1000, 2000, 1000, 0, 5 << 4, 0x18, 65535, 0, 0)
@@ -248,9 +248,9 @@ def test_tso_segments(port, active):
     seqs = [struct.unpack_from("!I", s, 38)[0] for s in port.sent]
     assert seqs == [1000, 2000, 3000]
     for s in port.sent:
-        assert offload.csum_add(s[14:34]) == 0xFFFF
+        assert frames.ones_sum(s[14:34]) == 0xFFFF
         pseudo = s[26:34] + struct.pack("!BBH", 0, 6, len(s) - 34)
-        assert offload.csum_add(s[34:], offload.csum_add(pseudo)) == 0xFFFF
+        assert frames.ones_sum(s[34:], frames.ones_sum(pseudo)) == 0xFFFF
     assert [s[47] & 0x08 for s in port.sent] == [0, 0, 8]  # PSH only on the last
 
 

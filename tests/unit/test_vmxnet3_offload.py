@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 
+from hvlab.net import frames
 from hvlab.vf import offload
 
 SRC6 = bytes.fromhex("20010db8000000000000000000000002")
@@ -24,7 +25,7 @@ def test_checksum_completion_matches_a_full_checksum():
     udp = struct.pack("!HHHH", 1, 2, 8 + len(payload), 0) + payload
     frame = bytearray(eth(0x0800) + bytes(20) + udp)
     assert offload.insert_checksum(frame, 34, 40)
-    assert offload.csum_add(frame[34:]) == 0xFFFF
+    assert frames.ones_sum(frame[34:]) == 0xFFFF
 
 
 def test_checksum_out_of_range_is_refused():
@@ -46,7 +47,7 @@ def test_tso_ipv6():
         assert struct.unpack_from("!H", s, 18)[0] == len(s) - 54  # payload length
         assert struct.unpack_from("!I", s, 58)[0] == 100 + 1000 * i
         pseudo = s[22:54] + struct.pack("!IxxxB", len(s) - 54, 6)
-        assert offload.csum_add(s[54:], offload.csum_add(pseudo)) == 0xFFFF
+        assert frames.ones_sum(s[54:], frames.ones_sum(pseudo)) == 0xFFFF
         assert (s[67] & 0x09 != 0) == (i == len(segs) - 1)  # FIN/PSH only on the last
     assert b"".join(s[74:] for s in segs) == payload
 
@@ -58,7 +59,7 @@ def test_tso_through_a_vlan_tag_and_ip_ids():
     segs = offload.tso_segments(frame, 18 + 20 + 20, 1448)
     assert segs is not None and len(segs) == 3
     assert [struct.unpack_from("!H", s, 22)[0] for s in segs] == [7, 8, 9]
-    assert all(offload.csum_add(s[18:38]) == 0xFFFF for s in segs)
+    assert all(frames.ones_sum(s[18:38]) == 0xFFFF for s in segs)
 
 
 def test_tso_refuses_what_does_not_parse():
@@ -73,5 +74,5 @@ def test_tso_refuses_what_does_not_parse():
 
 def test_vlan_insertion():
     f = eth(0x0800) + bytes(46)
-    t = offload.insert_vlan(f, 0x2005)
+    t = frames.insert_vlan(f, 0x2005)
     assert t[12:16] == b"\x81\x00\x20\x05" and t[16:] == f[12:] and t[:12] == f[:12]
