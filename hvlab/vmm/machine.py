@@ -233,14 +233,18 @@ class Machine:
         return vcpu.sample or "did not leave KVM_RUN within 1 s of a signal"
 
     @staticmethod
-    def _fault_state(vcpu: Vcpu) -> str:
-        """The registers that say where a guest died (RIP, RSP, CR2 of the last page fault, IF)."""
+    def _cpu_state(vcpu: Vcpu, *, apic: bool) -> str:
+        """Where the guest is: RIP, RSP, CR2 (the last page fault) and IF, plus with ``apic`` the local
+        APIC's pending (IRR) and in-service (ISR) vectors and TPR; for hang reports and triple faults."""
         try:
             regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            lapic = vcpu.get_lapic() if apic else b""
         except KvmError as exc:
-            return f"(registers unreadable: {exc})"
-        return (f"at rip {regs.rip:#x} rsp {regs.rsp:#x} cr2 {sregs.cr2:#x} "
-                f"IF={(regs.rflags >> 9) & 1}")
+            return f"registers unreadable: {exc}"
+        text = f"rip {regs.rip:#x} rsp {regs.rsp:#x} cr2 {sregs.cr2:#x} IF={(regs.rflags >> 9) & 1}"
+        if apic:
+            text += f" irr {_vectors(lapic, 0x200)} isr {_vectors(lapic, 0x100)} tpr {lapic[0x80]:#x}"
+        return text
 
     def _on_kick(self, vcpu: Vcpu) -> None:
         """KVM_RUN returned early (a signal or immediate_exit): record a requested sample and re-arm.
@@ -248,18 +252,7 @@ class Machine:
         if not self._stop.is_set():
             vcpu.run_struct.immediate_exit = 0
         if vcpu.sample_request.is_set() and vcpu.sample is None:
-            self._take_sample(vcpu)
-
-    @staticmethod
-    def _take_sample(vcpu: Vcpu) -> None:
-        try:
-            regs = vcpu.get_regs()
-            lapic = vcpu.get_lapic()
-        except KvmError as exc:
-            vcpu.sample = f"registers unreadable: {exc}"
-            return
-        vcpu.sample = (f"rip {regs.rip:#x} rsp {regs.rsp:#x} IF={(regs.rflags >> 9) & 1} "
-                       f"irr {_vectors(lapic, 0x200)} isr {_vectors(lapic, 0x100)} tpr {lapic[0x80]:#x}")
+            vcpu.sample = self._cpu_state(vcpu, apic=True)
 
     def _vcpu_loop(self, vcpu: Vcpu) -> None:
         run = vcpu.run_struct
@@ -310,7 +303,7 @@ class Machine:
                     continue
                 elif reason == abi.KVM_EXIT_SHUTDOWN:
                     self.stop(StopReason("triple-fault", f"vCPU {vcpu.index} shut down (triple fault) "
-                                                         f"{self._fault_state(vcpu)}"))
+                                                         f"at {self._cpu_state(vcpu, apic=False)}"))
                 elif reason == abi.KVM_EXIT_SYSTEM_EVENT:
                     kind = run.exit.system_event.type
                     if kind == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
