@@ -76,6 +76,10 @@ class _RemoteReporter:
         self.file.close()
 
 
+L1_ATTEMPTS = 2
+"""L1 VMs per session at most: the second only runs what a crashed first one left unfinished."""
+
+
 class _NestedBatch:
     """On the host: run all kvm tests in one L1 VM, then replay their reports."""
 
@@ -86,9 +90,10 @@ class _NestedBatch:
         self.failure: str | None = None
 
     def run(self) -> None:
+        """Run the tests in one L1; if that L1 dies (its own kernel under the L0 emulator), run the
+        tests it left unfinished once more in a fresh L1, so one crash does not fail the rest."""
         from hvlab.errors import HvlabError
         from hvlab.guest import kernels
-        from hvlab.nested.runner import NestedConfig, run_nested
 
         for label in filter(None, self.config.getoption("--hvlab-kernels").split(",")):
             try:
@@ -97,10 +102,37 @@ class _NestedBatch:
                 self.config.get_terminal_writer().line(f"hvlab: could not fetch kernel {label}: {exc}")
 
         workdir = Path(tempfile.mkdtemp(prefix="hvlab-pytest-"))
-        report_file = workdir / "reports.jsonl"
-        log_file = workdir / "l1-pytest.log"
-        nodeids = [item.nodeid for item in self.items]
-        (workdir / "nodeids").write_text("\n".join(nodeids) + "\n")
+        tw = self.config.get_terminal_writer()
+        self.reports = {}
+        todo = [item.nodeid for item in self.items]
+        for attempt in range(1, L1_ATTEMPTS + 1):
+            reports, failure, log_file, timed_out = self._session(workdir, attempt, todo)
+            finished = {n for n, datas in reports.items() if any(d.get("when") == "teardown" for d in datas)}
+            last = attempt == L1_ATTEMPTS or timed_out  # a second slow L1 would only time out again
+            self.reports.update({n: d for n, d in reports.items() if n in finished or last})
+            todo = [n for n in todo if n not in finished]
+            if not todo:
+                return
+            if failure is None:
+                tail = log_file.read_text(errors="replace").splitlines()[-40:] if log_file.exists() else []
+                failure = "the L1 pytest session ended without reporting this test; its output:\n" + "\n".join(tail)
+            self.failure = failure
+            if last:
+                return
+            tw.line(f"hvlab: L1 attempt {attempt} left {len(todo)} test(s) unfinished "
+                    f"({failure.splitlines()[0]}); running them in a fresh L1 VM", yellow=True)
+
+    def _session(
+        self, workdir: Path, attempt: int, nodeids: list[str]
+    ) -> tuple[dict[str, list[dict]], str | None, Path, bool]:
+        """One L1 VM running ``nodeids``: their reports by node id, why the VM failed (None if it did
+        not), its log, and whether it was killed for running out of time."""
+        from hvlab.errors import HvlabError
+        from hvlab.nested.runner import NestedConfig, NestedTimeout, run_nested
+
+        report_file = workdir / f"reports-{attempt}.jsonl"
+        log_file = workdir / f"l1-pytest-{attempt}.log"
+        (workdir / f"nodeids-{attempt}").write_text("\n".join(nodeids) + "\n")
         rootdir = str(self.config.rootpath)
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--color=no", "-o", "addopts=",
                 "--rootdir", rootdir, _REPORT_OPT, str(report_file), *nodeids]
@@ -108,6 +140,7 @@ class _NestedBatch:
         tw.line()
         tw.line(f"hvlab: running {len(nodeids)} kvm test(s) in one nested-runner L1 VM "
                 f"(log: {log_file})", bold=True)
+        failure, timed_out = None, False
         old = os.getcwd()
         try:
             os.chdir(rootdir)
@@ -116,17 +149,15 @@ class _NestedBatch:
                                                        writable=[workdir]), stdout=log, stderr=log)
             tw.line(f"hvlab: L1 session finished in {result.seconds:.0f} s (exit {result.returncode})")
         except HvlabError as exc:
-            self.failure = f"the nested runner failed: {exc}"
+            failure, timed_out = f"the nested runner failed: {exc}", isinstance(exc, NestedTimeout)
         finally:
             os.chdir(old)
-        self.reports = {}
+        reports: dict[str, list[dict]] = {}
         if report_file.exists():
             for line in report_file.read_text().splitlines():
                 data = json.loads(line)
-                self.reports.setdefault(data["nodeid"], []).append(data)
-        if self.failure is None and len(self.reports) < len(nodeids):
-            tail = log_file.read_text(errors="replace").splitlines()[-40:] if log_file.exists() else []
-            self.failure = "the L1 pytest session ended without reporting this test; its output:\n" + "\n".join(tail)
+                reports.setdefault(data["nodeid"], []).append(data)
+        return reports, failure, log_file, timed_out
 
     def replay(self, item: pytest.Item) -> None:
         if self.reports is None:

@@ -36,6 +36,10 @@ IN_L1_ENV = "HVLAB_IN_L1"
 QEMU = "qemu-system-x86_64"
 
 
+class NestedTimeout(HvlabError):
+    """The L1 VM ran out of its time limit and was killed (a crash is a plain HvlabError)."""
+
+
 @dataclass
 class NestedConfig:
     """How to build the L1 VM.  Memory must hold the L2 guests plus the tmpfs overlay's writes."""
@@ -209,7 +213,7 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     if interrupted:
         raise KeyboardInterrupt
     if timed_out:
-        raise HvlabError(f"the L1 VM did not finish within {config.timeout:.0f} s and was killed; "
+        raise NestedTimeout(f"the L1 VM did not finish within {config.timeout:.0f} s and was killed; "
                          f"its console log: {console}")
     status_file = xchg / "exit-status"
     if not status_file.exists():

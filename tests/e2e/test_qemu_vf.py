@@ -57,12 +57,12 @@ def test_ping_responder_with_configured_mac(guest):
 def _checksums_ok(frame: bytes) -> bool:
     """IPv4 header and UDP checksums of a frame as it left the VF (the device completed them: Linux
     hands vmxnet3 CHECKSUM_PARTIAL packets)."""
-    from hvlab.vf.offload import csum_add
+    from hvlab.net.frames import ones_sum
 
     ihl = (frame[14] & 0xF) * 4
     ip, udp = frame[14:14 + ihl], frame[14 + ihl:]
     pseudo = ip[12:20] + bytes([0, 17]) + len(udp).to_bytes(2, "big")
-    return csum_add(ip) == 0xFFFF and udp[6:8] != b"\0\0" and csum_add(udp, csum_add(pseudo)) == 0xFFFF
+    return ones_sum(ip) == 0xFFFF and udp[6:8] != b"\0\0" and ones_sum(udp, ones_sum(pseudo)) == 0xFFFF
 
 
 def test_udp_guest_to_host_loses_nothing(guest):
