@@ -15,6 +15,8 @@ import json
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hvlab-kernels", default=",".join(KERNELS),
                     help="kernel labels to fetch before kvm tests run in L1, which has no network "
                          "(default 6.1,6.12,7.3)")
-    group.addoption("--hvlab-l1-timeout", type=float, default=3000.0,
-                    help="seconds the shared L1 VM may take for all kvm tests (default 3000)")
+    group.addoption("--hvlab-l1-timeout", type=float, default=2400.0,
+                    help="seconds the shared L1 VM(s) may take for all kvm tests together, a restarted L1 "
+                         "included (default 2400)")
+    group.addoption("--hvlab-l1-test-timeout", type=float, default=600.0,
+                    help="seconds one kvm test may take inside L1, its reruns included (default 600); "
+                         "a test over it fails alone instead of stalling the L1 session")
 
 
 def argparse_suppress() -> str:
@@ -105,17 +111,22 @@ class _NestedBatch:
         tw = self.config.get_terminal_writer()
         self.reports = {}
         todo = [item.nodeid for item in self.items]
+        deadline = time.monotonic() + float(self.config.getoption("--hvlab-l1-timeout") or 2400.0)
         for attempt in range(1, L1_ATTEMPTS + 1):
-            reports, failure, log_file, timed_out = self._session(workdir, attempt, todo)
-            finished = {n for n, datas in reports.items() if any(d.get("when") == "teardown" for d in datas)}
-            last = attempt == L1_ATTEMPTS or timed_out  # a second slow L1 would only time out again
+            budget = deadline - time.monotonic()
+            reports, failure, log_file, timed_out = self._session(workdir, attempt, todo, budget)
+            finished = {n for n, datas in reports.items() if _finished(datas)}
+            # a second L1 gets what time is left; after a timeout none is (it would only time out again)
+            last = attempt == L1_ATTEMPTS or timed_out or deadline - time.monotonic() < 120
             self.reports.update({n: d for n, d in reports.items() if n in finished or last})
             todo = [n for n in todo if n not in finished]
             if not todo:
                 return
+            tail = log_file.read_text(errors="replace").splitlines()[-40:] if log_file.exists() else []
+            output = "the L1 pytest session's last output:\n" + "\n".join(tail)
             if failure is None:
-                tail = log_file.read_text(errors="replace").splitlines()[-40:] if log_file.exists() else []
-                failure = "the L1 pytest session ended without reporting this test; its output:\n" + "\n".join(tail)
+                failure = "the L1 pytest session ended without reporting this test"
+            failure = f"{failure}\n{output}"
             self.failure = failure
             if last:
                 return
@@ -123,7 +134,7 @@ class _NestedBatch:
                     f"({failure.splitlines()[0]}); running them in a fresh L1 VM", yellow=True)
 
     def _session(
-        self, workdir: Path, attempt: int, nodeids: list[str]
+        self, workdir: Path, attempt: int, nodeids: list[str], budget: float
     ) -> tuple[dict[str, list[dict]], str | None, Path, bool]:
         """One L1 VM running ``nodeids``: their reports by node id, why the VM failed (None if it did
         not), its log, and whether it was killed for running out of time."""
@@ -134,24 +145,28 @@ class _NestedBatch:
         log_file = workdir / f"l1-pytest-{attempt}.log"
         (workdir / f"nodeids-{attempt}").write_text("\n".join(nodeids) + "\n")
         rootdir = str(self.config.rootpath)
+        test_timeout = float(self.config.getoption("--hvlab-l1-test-timeout") or 600.0)
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--color=no", "-o", "addopts=",
-                "--rootdir", rootdir, _REPORT_OPT, str(report_file), *nodeids]
+                "-o", f"timeout={test_timeout:.0f}", "--rootdir", rootdir, _REPORT_OPT, str(report_file), *nodeids]
         tw = self.config.get_terminal_writer()
         tw.line()
-        tw.line(f"hvlab: running {len(nodeids)} kvm test(s) in one nested-runner L1 VM "
+        tw.line(f"hvlab: running {len(nodeids)} kvm test(s) in one nested-runner L1 VM, at most {budget:.0f} s "
                 f"(log: {log_file})", bold=True)
         failure, timed_out = None, False
         old = os.getcwd()
+        progress = _Progress(report_file, len(nodeids), tw)
+        progress.start()
         try:
             os.chdir(rootdir)
             with open(log_file, "w") as log:
-                result = run_nested(argv, NestedConfig(timeout=self.config.getoption("--hvlab-l1-timeout"),
-                                                       writable=[workdir]), stdout=log, stderr=log)
+                result = run_nested(argv, NestedConfig(timeout=budget, writable=[workdir]), stdout=log, stderr=log)
             tw.line(f"hvlab: L1 session finished in {result.seconds:.0f} s (exit {result.returncode})")
         except HvlabError as exc:
             failure, timed_out = f"the nested runner failed: {exc}", isinstance(exc, NestedTimeout)
+            tw.line(f"hvlab: {failure}", red=True)
         finally:
             os.chdir(old)
+            progress.finish()
         reports: dict[str, list[dict]] = {}
         if report_file.exists():
             for line in report_file.read_text().splitlines():
@@ -159,9 +174,18 @@ class _NestedBatch:
                 reports.setdefault(data["nodeid"], []).append(data)
         return reports, failure, log_file, timed_out
 
+    def run_guarded(self) -> None:
+        """``run``, with any error turned into a failure of the kvm tests rather than of the session."""
+        try:
+            self.run()
+        except Exception as exc:  # noqa: BLE001 (reported per test below, never an INTERNALERROR)
+            self.failure = f"the nested batch failed: {type(exc).__name__}: {exc}"
+            if self.reports is None:
+                self.reports = {}
+
     def replay(self, item: pytest.Item) -> None:
         if self.reports is None:
-            self.run()
+            self.run_guarded()
         ihook = item.ihook
         ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
         datas = self.reports.get(item.nodeid, []) if self.reports is not None else []
@@ -176,7 +200,80 @@ class _NestedBatch:
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
 
+def _finished(datas: list[dict]) -> bool:
+    """Whether a test's reports end in a final attempt: a teardown after an attempt that was not a
+    rerun (pytest-rerunfailures logs a failed attempt as outcome "rerun", then its teardown)."""
+    rerun = False
+    for data in datas:
+        if data.get("when") == "setup":
+            rerun = False
+        rerun = rerun or data.get("outcome") == "rerun"
+    return bool(datas) and datas[-1].get("when") == "teardown" and not rerun
+
+
+class _Progress(threading.Thread):
+    """Print a line per kvm test as L1 finishes it (its reports file grows line by line over 9p), so a
+    long L1 session shows where it is in a CI log rather than staying silent until it ends."""
+
+    def __init__(self, path: Path, total: int, tw) -> None:
+        super().__init__(daemon=True)
+        self.path, self.total, self.tw = path, total, tw
+        self.stop = threading.Event()
+        self.done = 0
+        self.t0 = time.monotonic()
+
+    def run(self) -> None:
+        offset, seen, pending = 0, {}, b""
+        while True:
+            stopping = self.stop.is_set()
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            offset += len(chunk)
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                self._report(line, seen)
+            if stopping:
+                return
+            self.stop.wait(1.0)
+
+    def _report(self, line: bytes, seen: dict[str, list[dict]]) -> None:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return
+        nodeid = data.get("nodeid", "?")
+        datas = seen.setdefault(nodeid, [])
+        if data.get("when") == "setup":
+            datas.clear()  # a new attempt
+        datas.append(data)
+        if data.get("outcome") == "rerun":
+            self.tw.line(f"hvlab: L1 {nodeid}: guest fault, rerunning")
+        elif _finished(datas):
+            outcome = next((d["outcome"] for d in datas if d.get("outcome") != "passed"), "passed")
+            self.done += 1
+            self.tw.line(f"hvlab: L1 [{self.done}/{self.total}] {nodeid} {outcome} "
+                         f"({time.monotonic() - self.t0:.0f} s)")
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join(timeout=5)
+
+
 _batch_key = pytest.StashKey[_NestedBatch]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> None:
+    """Run the L1 batch before any test, outside every test's own timeout (pytest-timeout's alarm covers
+    one test's protocol; a whole L1 session inside it was killed at 900 s in CI)."""
+    batch = session.config.stash.get(_batch_key, None)
+    if batch is None or session.config.option.collectonly or batch.reports is not None:
+        return
+    batch.run_guarded()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -47,6 +47,9 @@ class NestedConfig:
     memory_mb: int = 6144
     cpus: int = 2
     timeout: float = 3600.0
+    start_timeout: float = 300.0
+    """Seconds L1 may take to boot and start the command (it takes 20-60 s); beyond that it is stuck
+    and killed as a crash, so a caller can retry instead of waiting out ``timeout``."""
     writable: list[Path] = field(default_factory=list)
     keep_dir: Path | None = None
 
@@ -147,6 +150,27 @@ class NestedResult:
     seconds: float
 
 
+L1_STARTED = b"hvlab-l1: running"
+"""What l1-init prints on its console once the shares are mounted and the command starts."""
+
+
+def _watch(proc: subprocess.Popen, console: Path, config: NestedConfig) -> tuple[bool, bool]:
+    """Wait for QEMU to exit; return (stuck before the command started, out of time).  Either way the
+    caller kills it: a stuck L1 boot is reported within ``start_timeout``, not after ``timeout``."""
+    t0 = time.monotonic()
+    started = False
+    while proc.poll() is None:
+        elapsed = time.monotonic() - t0
+        if elapsed > config.timeout:
+            return False, True
+        if not started:
+            started = L1_STARTED in console.read_bytes()
+            if not started and elapsed > config.start_timeout:
+                return True, False
+        time.sleep(0.5)
+    return False, False
+
+
 def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=None, stderr=None) -> NestedResult:
     """Run ``argv`` inside a fresh L1 VM; stream its output to ``stdout``/``stderr`` (default: ours)."""
     config = config or NestedConfig()
@@ -189,11 +213,9 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     qemu_log = open(xchg / "qemu.log", "wb")  # noqa: SIM115 (closed below; a pipe could fill and block QEMU)
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
                             start_new_session=True, env={**os.environ, **qemu.env})
-    interrupted = timed_out = False
+    interrupted = timed_out = stuck = False
     try:
-        proc.wait(timeout=config.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        stuck, timed_out = _watch(proc, xchg / "console.log", config)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -215,6 +237,10 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     if timed_out:
         raise NestedTimeout(f"the L1 VM did not finish within {config.timeout:.0f} s and was killed; "
                          f"its console log: {console}")
+    if stuck:
+        tail = console.read_text(errors="replace").strip().splitlines()[-15:]
+        raise HvlabError(f"the L1 VM did not start the command within {config.start_timeout:.0f} s and was "
+                         f"killed; console log {console}:\n" + "\n".join(tail))
     status_file = xchg / "exit-status"
     if not status_file.exists():
         tail = console.read_text(errors="replace").strip().splitlines()[-15:]

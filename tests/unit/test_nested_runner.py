@@ -2,7 +2,7 @@
 
 import subprocess
 
-from hvlab.nested.runner import _command_script
+from hvlab.nested.runner import L1_STARTED, NestedConfig, _command_script, _watch
 
 
 def test_command_script_quotes_and_filters_env(tmp_path):
@@ -19,3 +19,34 @@ def test_command_script_quotes_and_filters_env(tmp_path):
 def test_command_script_exit_status(tmp_path):
     script = _command_script(["sh", "-c", "exit 7"], str(tmp_path), {"PATH": "/usr/bin:/bin"})
     assert subprocess.run(["sh", "-c", script]).returncode == 7
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen(["sleep", "30"])
+
+
+def test_watch_kills_an_l1_that_never_starts_the_command(tmp_path):
+    console = tmp_path / "console.log"
+    console.write_bytes(b"[    0.000000] Linux version 6.12\n")
+    proc = _sleeper()
+    try:
+        assert _watch(proc, console, NestedConfig(timeout=30, start_timeout=1)) == (True, False)
+    finally:
+        proc.kill()
+
+
+def test_watch_times_out_an_l1_that_started(tmp_path):
+    console = tmp_path / "console.log"
+    console.write_bytes(b"boot\n" + L1_STARTED + b"\n")
+    proc = _sleeper()
+    try:
+        assert _watch(proc, console, NestedConfig(timeout=1.5, start_timeout=1)) == (False, True)
+    finally:
+        proc.kill()
+
+
+def test_watch_returns_when_qemu_exits(tmp_path):
+    console = tmp_path / "console.log"
+    console.write_bytes(b"")
+    proc = subprocess.Popen(["true"])
+    assert _watch(proc, console, NestedConfig(timeout=30, start_timeout=10)) == (False, False)

@@ -44,3 +44,49 @@ def test_guest_faults_rerun_and_are_named(pytester: pytest.Pytester) -> None:
         "*test_hang_once: hvlab.vmm.guestvm.GuestHang: no answer to 'true' within 40 s",
         "    vCPU 1: in KVM_RUN for 41.0 s; rip 0xffffffff81e3a1b0",
     ])
+
+
+SLOW_L1_CONFTEST = """
+import time
+from hvlab import pytest_plugin
+from hvlab.nested import runner
+
+runner.l1_qemu = lambda: object()  # "a nested runner exists"
+
+
+def _session(self, workdir, attempt, nodeids, budget):
+    time.sleep(3)  # longer than the 1 s per-test timeout below: the L1 session is not one test's time
+    return ({n: [{"nodeid": n, "when": w, "outcome": "passed", "location": ["test_kvm.py", 0, n],
+                  "longrepr": None, "sections": [], "keywords": {}, "duration": 0.0, "user_properties": [],
+                  "$report_type": "TestReport"} for w in ("setup", "call", "teardown")] for n in nodeids},
+            None, workdir / "log", False)
+
+
+pytest_plugin._NestedBatch._session = _session
+"""
+
+KVM_TESTS = """
+import pytest
+
+@pytest.mark.kvm
+def test_one():
+    raise AssertionError("replayed, never run here")
+
+@pytest.mark.kvm
+def test_two():
+    raise AssertionError("replayed, never run here")
+
+def test_local():
+    pass
+"""
+
+
+def test_the_l1_session_runs_outside_any_test_timeout(pytester: pytest.Pytester) -> None:
+    """CI once killed the whole L1 session at pytest-timeout's 900 s because it ran inside the first kvm
+    test's protocol; it runs before the test loop now, and its tests are replayed."""
+    pytester.makeconftest(SLOW_L1_CONFTEST)
+    pytester.makepyfile(test_kvm=KVM_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hvlab-nested=always", "--hvlab-kernels=",
+                                           "-o", "timeout=1")
+    result.assert_outcomes(passed=3)
+    result.stdout.no_fnmatch_line("*INTERNALERROR*")
