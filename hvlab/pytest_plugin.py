@@ -82,8 +82,8 @@ class _RemoteReporter:
         self.file.close()
 
 
-L1_ATTEMPTS = 2
-"""L1 VMs per session at most: the second only runs what a crashed first one left unfinished."""
+L1_ATTEMPTS = 3
+"""L1 VMs per session at most: each after the first runs only what a crashed one left unfinished."""
 
 
 class _NestedBatch:
@@ -96,8 +96,9 @@ class _NestedBatch:
         self.failure: str | None = None
 
     def run(self) -> None:
-        """Run the tests in one L1; if that L1 dies (its own kernel under the L0 emulator), run the
-        tests it left unfinished once more in a fresh L1, so one crash does not fail the rest."""
+        """Run the tests in one L1; if that L1 dies or stalls (its own kernel under the L0 emulator),
+        run the tests it left unfinished in a fresh L1 (L1_ATTEMPTS in all, within one time budget), so
+        one crash does not fail the rest."""
         from hvlab.errors import HvlabError
         from hvlab.guest import kernels
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hvlab import paths, progress
 from hvlab.errors import HvlabError, KvmUnusable
+from hvlab.kernel_log import stall_line
 
 FILES = Path(__file__).parent / "files"
 L1_KERNEL = "l1-6.12"
@@ -154,21 +155,36 @@ L1_STARTED = b"hvlab-l1: running"
 """What l1-init prints on its console once the shares are mounted and the command starts."""
 
 
-def _watch(proc: subprocess.Popen, console: Path, config: NestedConfig) -> tuple[bool, bool]:
-    """Wait for QEMU to exit; return (stuck before the command started, out of time).  Either way the
-    caller kills it: a stuck L1 boot is reported within ``start_timeout``, not after ``timeout``."""
+def _watch(proc: subprocess.Popen, console: Path, config: NestedConfig) -> str | None:
+    """Wait for QEMU to exit; None if it did, else why the caller must kill it:
+
+    - "timeout": out of ``config.timeout``;
+    - "boot": no command started within ``start_timeout`` (a stuck L1 boot, reported early);
+    - a console line: L1's own kernel reported a stalled CPU.  Under the L0 emulator an L1 CPU can get
+      stuck in kernel mode; every L1 task queued there (an L2 vCPU thread, pytest's main thread) then
+      never runs again and no timeout inside L1 fires, so the L1 is as good as dead.
+    """
     t0 = time.monotonic()
     started = False
+    seen = 0
     while proc.poll() is None:
         elapsed = time.monotonic() - t0
         if elapsed > config.timeout:
-            return False, True
-        if not started:
-            started = L1_STARTED in console.read_bytes()
-            if not started and elapsed > config.start_timeout:
-                return True, False
+            return "timeout"
+        with open(console, "rb") as f:
+            f.seek(seen)
+            new = f.read()
+        cut = new.rfind(b"\n") + 1  # whole lines only; the rest is read again next time
+        seen += cut
+        text = new[:cut].decode(errors="replace")
+        started = started or L1_STARTED.decode() in text
+        stall = stall_line(text)
+        if stall is not None:
+            return stall
+        if not started and elapsed > config.start_timeout:
+            return "boot"
         time.sleep(0.5)
-    return False, False
+    return None
 
 
 def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=None, stderr=None) -> NestedResult:
@@ -213,9 +229,9 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     qemu_log = open(xchg / "qemu.log", "wb")  # noqa: SIM115 (closed below; a pipe could fill and block QEMU)
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
                             start_new_session=True, env={**os.environ, **qemu.env})
-    interrupted = timed_out = stuck = False
+    interrupted, why = False, None
     try:
-        stuck, timed_out = _watch(proc, xchg / "console.log", config)
+        why = _watch(proc, xchg / "console.log", config)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -234,13 +250,14 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     seconds = time.monotonic() - t0
     if interrupted:
         raise KeyboardInterrupt
-    if timed_out:
+    if why == "timeout":
         raise NestedTimeout(f"the L1 VM did not finish within {config.timeout:.0f} s and was killed; "
                          f"its console log: {console}")
-    if stuck:
+    if why is not None:
         tail = console.read_text(errors="replace").strip().splitlines()[-15:]
-        raise HvlabError(f"the L1 VM did not start the command within {config.start_timeout:.0f} s and was "
-                         f"killed; console log {console}:\n" + "\n".join(tail))
+        what = (f"the L1 VM did not start the command within {config.start_timeout:.0f} s" if why == "boot"
+                else f"the L1 VM's kernel reported a stalled CPU ({why})")
+        raise HvlabError(f"{what} and was killed; console log {console}:\n" + "\n".join(tail))
     status_file = xchg / "exit-status"
     if not status_file.exists():
         tail = console.read_text(errors="replace").strip().splitlines()[-15:]

@@ -17,6 +17,7 @@ from pathlib import Path
 from hvlab import paths, progress
 from hvlab.agent.host import Agent
 from hvlab.errors import GuestError, HvlabError
+from hvlab.kernel_log import PANIC_MARK, stall_line
 from hvlab.timeline import Timeline
 from hvlab.vmm import layout as L
 from hvlab.vmm.acpi import build_acpi_tables
@@ -25,7 +26,6 @@ from hvlab.vmm.devices.power import PmDevice, ResetPort
 from hvlab.vmm.devices.uart import Uart16550
 from hvlab.vmm.machine import Machine, MachineConfig, StopReason
 
-PANIC_MARK = b"Kernel panic - not syncing"
 EXIT_PANIC = 6
 EXIT_VMM_ERROR = 7
 
@@ -71,7 +71,8 @@ class GuestVMConfig:
 
 class Console:
     """The guest console (ttyS0): always to console.log; optionally echoed; the tail kept for panics;
-    each complete line also goes to the run's timeline, so host events and guest messages interleave."""
+    each complete line also goes to the run's timeline, so host events and guest messages interleave,
+    and the first stall warning (hvlab.kernel_log) is kept in ``stall``."""
 
     def __init__(self, path: Path, echo=None, timeline=None) -> None:
         self.file = open(path, "wb")  # noqa: SIM115 (closed by GuestVM.close)
@@ -80,6 +81,8 @@ class Console:
         self.tail = bytearray()
         self._line = bytearray()
         self.lock = threading.Lock()
+        self.stall: str | None = None
+        """The first console line reporting a stalled guest CPU, if any."""
 
     def write(self, data: bytes) -> None:
         with self.lock:
@@ -89,19 +92,24 @@ class Console:
                 del self.tail[:-32768]
             if data.endswith(b"\n"):
                 self.file.flush()
-            if self.timeline is not None:
-                self._line += data
-                while (nl := self._line.find(b"\n")) >= 0:
-                    line = self._line[:nl].rstrip(b"\r").decode(errors="replace")
-                    del self._line[:nl + 1]
-                    if line:
-                        self.timeline.event("console", line=line)
-                if len(self._line) > 4096:
-                    self.timeline.event("console", line=self._line.decode(errors="replace"))
-                    self._line.clear()
+            self._line += data
+            while (nl := self._line.find(b"\n")) >= 0:
+                line = self._line[:nl].rstrip(b"\r").decode(errors="replace")
+                del self._line[:nl + 1]
+                if line:
+                    self._on_line(line)
+            if len(self._line) > 4096:
+                self._on_line(self._line.decode(errors="replace"))
+                self._line.clear()
         if self.echo is not None:
             self.echo.write(data)
             self.echo.flush()
+
+    def _on_line(self, line: str) -> None:
+        if self.timeline is not None:
+            self.timeline.event("console", line=line)
+        if self.stall is None:
+            self.stall = stall_line(line)
 
     def close(self) -> None:
         with self.lock:
@@ -137,7 +145,8 @@ class GuestVM:
         self.console = Console(self.run_dir / "console.log", config.console_echo, self.timeline)
         self.uart0 = Uart16550(L.COM1_PORT, on_output=self.console.write,
                                set_irq=lambda level: m.irq_line(L.COM1_IRQ, level))
-        self.agent = Agent(self._agent_send, alive=lambda: not m.stopped)
+        # A stalled guest CPU ends every wait for the agent: its answer may depend on that CPU.
+        self.agent = Agent(self._agent_send, alive=lambda: not m.stopped and self.console.stall is None)
         self.uart1 = Uart16550(L.COM2_PORT, on_output=self.agent.on_output,
                                set_irq=lambda level: m.irq_line(L.COM2_IRQ, level))
         self.pm = PmDevice(on_power_off=lambda: m.stop(StopReason("poweroff", "ACPI S5")),
@@ -198,9 +207,11 @@ class GuestVM:
         if self.t_ready is None:
             try:
                 self.agent.wait_ready(self.config.boot_timeout)
-            except GuestError:
+            except GuestError as exc:
                 self._raise_if_dead()
-                raise
+                if self.console.stall is not None:
+                    raise self._hang(exc) from exc
+                raise GuestError(f"{exc} (where the vCPUs were: {self.diagnose(str(exc))})") from exc
             self.t_ready = time.monotonic() - self.t_start
             progress.say(f"guest ready in {self.t_ready:.1f} s ({self.machine.stats.total()} exits to user space)")
             if self.net is not None and self.config.net_setup:
@@ -241,8 +252,16 @@ class GuestVM:
             return self.agent.run(command, timeout=timeout)
         except GuestError as exc:
             self._raise_if_dead()
-            path = self.diagnose(str(exc))
-            raise GuestHang(f"{exc}\n{self.last_diagnosis}\n(diagnosis kept in {path})") from exc
+            raise self._hang(exc) from exc
+
+    def _hang(self, exc: GuestError) -> GuestHang:
+        """The GuestHang for a live guest whose agent did not answer: why (a stall the guest kernel
+        reported, else the agent's error), where each vCPU is, and the file that keeps it."""
+        why = str(exc)
+        if self.console.stall is not None:
+            why = f"the guest kernel reported a stalled CPU: {self.console.stall!r} (waiting for the agent stopped)"
+        path = self.diagnose(why)
+        return GuestHang(f"{why}\n{self.last_diagnosis}\n(diagnosis kept in {path})")
 
     def diagnose(self, why: str) -> Path:
         """Write where the vCPUs are, the VMBus channels' ring state and the console tail to

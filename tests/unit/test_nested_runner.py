@@ -30,7 +30,7 @@ def test_watch_kills_an_l1_that_never_starts_the_command(tmp_path):
     console.write_bytes(b"[    0.000000] Linux version 6.12\n")
     proc = _sleeper()
     try:
-        assert _watch(proc, console, NestedConfig(timeout=30, start_timeout=1)) == (True, False)
+        assert _watch(proc, console, NestedConfig(timeout=30, start_timeout=1)) == "boot"
     finally:
         proc.kill()
 
@@ -40,7 +40,7 @@ def test_watch_times_out_an_l1_that_started(tmp_path):
     console.write_bytes(b"boot\n" + L1_STARTED + b"\n")
     proc = _sleeper()
     try:
-        assert _watch(proc, console, NestedConfig(timeout=1.5, start_timeout=1)) == (False, True)
+        assert _watch(proc, console, NestedConfig(timeout=1.5, start_timeout=1)) == "timeout"
     finally:
         proc.kill()
 
@@ -49,4 +49,19 @@ def test_watch_returns_when_qemu_exits(tmp_path):
     console = tmp_path / "console.log"
     console.write_bytes(b"")
     proc = subprocess.Popen(["true"])
-    assert _watch(proc, console, NestedConfig(timeout=30, start_timeout=10)) == (False, False)
+    assert _watch(proc, console, NestedConfig(timeout=30, start_timeout=10)) is None
+
+
+def test_watch_gives_up_on_an_l1_whose_kernel_reports_a_stall(tmp_path):
+    """An L1 CPU stuck in kernel mode strands whatever L1 task was queued there (pytest's own timeout
+    included), so the runner ends that L1 as soon as its kernel says so, not at the session's timeout."""
+    console = tmp_path / "console.log"
+    console.write_bytes(L1_STARTED + b"\n")
+    proc = _sleeper()
+    try:
+        with open(console, "ab") as f:
+            f.write(b"[  296.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n[  296.2] rcu: \t0-...0: (1 GP")
+        assert _watch(proc, console, NestedConfig(timeout=30, start_timeout=1)) == (
+            "[  296.1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:")
+    finally:
+        proc.kill()

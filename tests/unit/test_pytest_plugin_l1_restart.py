@@ -106,3 +106,20 @@ def test_progress_prints_a_line_per_finished_test(tmp_path: Path) -> None:
     assert writer.lines[0] == "hvlab: L1 a: guest fault, rerunning"
     assert writer.lines[1].startswith("hvlab: L1 [1/2] a passed (")
     assert len(writer.lines) == 2  # b's teardown line was incomplete
+
+
+def test_a_second_crash_gets_a_third_l1_and_no_more(monkeypatch) -> None:
+    b, _ = batch(["a", "b", "c"])
+    calls: list[list[str]] = []
+
+    def session(workdir: Path, attempt: int, nodeids: list[str], budget: float):
+        calls.append(list(nodeids))
+        first = nodeids[0]  # each L1 finishes one test, then its kernel stalls
+        return {first: reports(first, "setup", "call", "teardown")}, "the L1 VM's kernel reported a stall", \
+            workdir / "log", False
+
+    monkeypatch.setattr(b, "_session", session)
+    b.run()
+    assert calls == [["a", "b", "c"], ["b", "c"], ["c"]]
+    assert sorted(b.reports) == ["a", "b", "c"]
+    assert plugin.L1_ATTEMPTS == 3

@@ -1,0 +1,18 @@
+"""What a Linux kernel's console says when it is in trouble, for the VMM (an L2 guest's ttyS0) and the
+nested runner (L1's own console) alike."""
+
+from __future__ import annotations
+
+PANIC_MARK = b"Kernel panic - not syncing"
+
+STALL_MARKS = ("detected stalls on CPUs", "self-detected stall on CPU", "BUG: soft lockup")
+"""Lines by which a kernel says one of its CPUs stopped making progress (RCU stall warnings, the
+soft-lockup watchdog).  The kernel still runs, but whatever waits on that CPU waits forever."""
+
+
+def stall_line(text: str) -> str | None:
+    """The first line of ``text`` that reports a stalled CPU, or None."""
+    for line in text.splitlines():
+        if any(mark in line for mark in STALL_MARKS):
+            return line.strip()
+    return None
