@@ -34,6 +34,9 @@ L1_OPTIONAL_MODULES = ["virtio_console", "tun", "veth", "bridge", "af_packet", "
 ENV_PASS_PREFIXES = ("HVLAB_", "PYTHON", "PYTEST", "VIRTUAL_ENV", "PYENV", "CI", "COLUMNS", "LANG", "LC_")
 ENV_PASS = ("PATH", "HOME", "USER", "LOGNAME", "TERM", "TZ", "XDG_CACHE_HOME")
 IN_L1_ENV = "HVLAB_IN_L1"
+L1_CMDLINE = "quiet loglevel=5 panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1"
+"""L1's kernel command line after the console.  loglevel=5 keeps warnings, among them the stack dumps of
+an RCU stall report, which say where a stuck L1 CPU was (L1's console is a file: no cost to the guest)."""
 QEMU = "qemu-system-x86_64"
 
 
@@ -206,7 +209,7 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     args = [*qemu.command, "-accel", f"tcg,thread={qemu.tcg_thread}", "-cpu", "EPYC,+svm,+npt", "-smp", str(config.cpus),
             "-m", str(config.memory_mb), "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(vmlinuz), "-initrd", str(initrd),
-            "-append", "console=ttyS0 quiet panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1",
+            "-append", f"console=ttyS0 {L1_CMDLINE}",
             "-serial", f"file:{xchg / 'console.log'}",
             "-serial", f"file:{xchg / 'stdout'}",
             "-serial", f"file:{xchg / 'stderr'}",
