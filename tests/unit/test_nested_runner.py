@@ -2,6 +2,8 @@
 
 import subprocess
 
+import pytest
+
 from hvlab.nested.runner import L1_STARTED, NestedConfig, _command_script, _watch
 
 
@@ -25,22 +27,16 @@ def _sleeper() -> subprocess.Popen:
     return subprocess.Popen(["sleep", "30"])
 
 
-def test_watch_kills_an_l1_that_never_starts_the_command(tmp_path):
+@pytest.mark.parametrize(("console_text", "timeout", "why"), [
+    (b"[    0.000000] Linux version 6.12\n", 30.0, "boot"),  # never started the command: killed early
+    (b"boot\n" + L1_STARTED + b"\n", 1.5, "timeout"),  # started, then ran out of time
+])
+def test_watch_says_why_an_l1_must_be_killed(tmp_path, console_text, timeout, why):
     console = tmp_path / "console.log"
-    console.write_bytes(b"[    0.000000] Linux version 6.12\n")
+    console.write_bytes(console_text)
     proc = _sleeper()
     try:
-        assert _watch(proc, console, NestedConfig(timeout=30, start_timeout=1)) == "boot"
-    finally:
-        proc.kill()
-
-
-def test_watch_times_out_an_l1_that_started(tmp_path):
-    console = tmp_path / "console.log"
-    console.write_bytes(b"boot\n" + L1_STARTED + b"\n")
-    proc = _sleeper()
-    try:
-        assert _watch(proc, console, NestedConfig(timeout=1.5, start_timeout=1)) == "timeout"
+        assert _watch(proc, console, NestedConfig(timeout=timeout, start_timeout=1)) == why
     finally:
         proc.kill()
 
