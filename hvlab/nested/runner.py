@@ -34,9 +34,15 @@ L1_OPTIONAL_MODULES = ["virtio_console", "tun", "veth", "bridge", "af_packet", "
 ENV_PASS_PREFIXES = ("HVLAB_", "PYTHON", "PYTEST", "VIRTUAL_ENV", "PYENV", "CI", "COLUMNS", "LANG", "LC_")
 ENV_PASS = ("PATH", "HOME", "USER", "LOGNAME", "TERM", "TZ", "XDG_CACHE_HOME")
 IN_L1_ENV = "HVLAB_IN_L1"
-L1_CMDLINE = "quiet loglevel=5 panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1"
-"""L1's kernel command line after the console.  loglevel=5 keeps warnings, among them the stack dumps of
-an RCU stall report, which say where a stuck L1 CPU was (L1's console is a file: no cost to the guest)."""
+L1_CMDLINE = "quiet loglevel=5 tsc=reliable panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1"
+"""L1's kernel command line after the console.
+
+- loglevel=5 keeps warnings, among them the stack dumps of an RCU stall report, which say where a stuck
+  L1 CPU was (L1's console is a file: no cost to the guest).
+- tsc=reliable: TCG's TSC is the host's (one clock for every vCPU), but L1's clocksource watchdog, reading
+  the HPET and the TSC with a TCG scheduling delay between them, saw a 2 ms "skew" in the first L2 boot,
+  marked the TSC unstable and fell back to the HPET (an emulated MMIO read per clock read); KVM in L1
+  then warned "SMP vm created on host with unstable TSC; guest TSC will not be reliable"."""
 QEMU = "qemu-system-x86_64"
 
 
