@@ -42,7 +42,9 @@ L1_CMDLINE = "quiet loglevel=5 tsc=reliable panic=-1 rdinit=/init kvm_amd.nested
 - tsc=reliable: TCG's TSC is the host's (one clock for every vCPU), but L1's clocksource watchdog, reading
   the HPET and the TSC with a TCG scheduling delay between them, saw a 2 ms "skew" in the first L2 boot,
   marked the TSC unstable and fell back to the HPET (an emulated MMIO read per clock read); KVM in L1
-  then warned "SMP vm created on host with unstable TSC; guest TSC will not be reliable"."""
+  then warned "SMP vm created on host with unstable TSC; guest TSC will not be reliable".
+- ``module.param=value`` reaches that module (l1-init passes them to insmod); ``$HVLAB_L1_APPEND`` adds
+  more, for experiments (e.g. ``kvm_amd.npt=0``)."""
 QEMU = "qemu-system-x86_64"
 
 
@@ -215,7 +217,7 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     args = [*qemu.command, "-accel", f"tcg,thread={qemu.tcg_thread}", "-cpu", "EPYC,+svm,+npt", "-smp", str(config.cpus),
             "-m", str(config.memory_mb), "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(vmlinuz), "-initrd", str(initrd),
-            "-append", f"console=ttyS0 {L1_CMDLINE}",
+            "-append", f"console=ttyS0 {L1_CMDLINE} {os.environ.get('HVLAB_L1_APPEND', '')}".strip(),
             "-serial", f"file:{xchg / 'console.log'}",
             "-serial", f"file:{xchg / 'stdout'}",
             "-serial", f"file:{xchg / 'stderr'}",

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,16 @@ def test_probe_passes_where_kvm_tests_run():
 def test_dev_kvm_opens():
     fd = os.open("/dev/kvm", os.O_RDWR)
     os.close(fd)
+
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not runner.in_l1(), reason="checks the nested runner's L1 kernel")
+def test_l1_runs_kvm_with_nested_paging_on_the_tsc():
+    """L1's KVM uses nested paging (shadow paging under TCG could not boot a guest in 300 s), and the
+    TSC stays L1's clocksource (tsc=reliable; the HPET fallback made every clock read an MMIO exit)."""
+    params = {name: Path(f"/sys/module/kvm_amd/parameters/{name}").read_text().strip() for name in ("nested", "npt")}
+    assert params == {"nested": "1", "npt": "Y"}
+    assert Path("/sys/devices/system/clocksource/clocksource0/current_clocksource").read_text().strip() == "tsc"
 
 
 @pytest.mark.slow
