@@ -24,6 +24,7 @@ from hvlab.kvm import abi
 from hvlab.kvm.memory import GuestMemory
 from hvlab.kvm.system import Kvm, KvmError, Vcpu
 from hvlab.vmm import layout as L
+from hvlab.vmm import pagewalk
 from hvlab.vmm.bus import IoBus, MmioBus
 from hvlab.vmm.cpuid import guest_cpuid, guest_xcr0
 
@@ -232,10 +233,10 @@ class Machine:
         vcpu.sample_request.clear()
         return vcpu.sample or "did not leave KVM_RUN within 1 s of a signal"
 
-    @staticmethod
-    def _cpu_state(vcpu: Vcpu, *, apic: bool) -> str:
+    def _cpu_state(self, vcpu: Vcpu, *, apic: bool) -> str:
         """Where the guest is: RIP, RSP, CR2 (the last page fault) and IF, plus with ``apic`` the local
-        APIC's pending (IRR) and in-service (ISR) vectors and TPR; for hang reports and triple faults."""
+        APIC's pending (IRR) and in-service (ISR) vectors and TPR and the guest's page-table walk of RIP
+        (pagewalk.py); for hang reports and triple faults."""
         try:
             regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
             lapic = vcpu.get_lapic() if apic else b""
@@ -244,6 +245,12 @@ class Machine:
         text = f"rip {regs.rip:#x} rsp {regs.rsp:#x} cr2 {sregs.cr2:#x} IF={(regs.rflags >> 9) & 1}"
         if apic:
             text += f" irr {_vectors(lapic, 0x200)} isr {_vectors(lapic, 0x100)} tpr {lapic[0x80]:#x}"
+            if sregs.cr0 >> 31 & 1:  # paging on
+
+                def read(gpa: int, length: int) -> bytes | None:
+                    return self.memory.read(gpa, length) if self.memory.contains(gpa, length) else None
+
+                text += "\n    " + pagewalk.describe(read, sregs.cr3, sregs.cr4, regs.rip)
         return text
 
     def _on_kick(self, vcpu: Vcpu) -> None:

@@ -24,9 +24,13 @@ def test_boot_runs_command(hvlab_guest, label):
     assert warnings == "0", "the guest disabled XSAVE"
     assert cpus_with_xsave == "2"
     # The hang diagnosis can see inside a live guest: both vCPUs are kicked out of KVM_RUN and report a
-    # kernel RIP (idle, interrupts on) and their local APIC state, without disturbing the guest.
+    # kernel RIP (idle, interrupts on), their local APIC state and the guest's own page-table walk of
+    # that RIP down to the code bytes (executable, so no NX on the way), without disturbing the guest.
     report = vm.machine.vcpu_report().splitlines()
-    assert len(report) == 2 and all("in KVM_RUN" in line and "rip 0xffff" in line for line in report), report
+    cpus, walks = report[0::2], report[1::2]
+    assert len(cpus) == 2 and all("in KVM_RUN" in line and "rip 0xffff" in line for line in cpus), report
+    assert len(walks) == 2 and all(w.strip().startswith("walk of 0xffff") and "-> gpa 0x" in w and "NX" not in w
+                                   for w in walks), report
     assert vm.run("true", timeout=30).returncode == 0
 
 
