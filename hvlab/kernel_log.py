@@ -5,9 +5,12 @@ from __future__ import annotations
 
 PANIC_MARK = b"Kernel panic - not syncing"
 
-STALL_MARKS = ("detected stalls on CPUs", "self-detected stall on CPU", "BUG: soft lockup")
+STALL_MARKS = ("detected stalls on CPUs", "self-detected stall on CPU", "BUG: soft lockup",
+               "blocked for more than")
 """Lines by which a kernel says one of its CPUs stopped making progress (RCU stall warnings, the
-soft-lockup watchdog).  The kernel still runs, but whatever waits on that CPU waits forever."""
+soft-lockup watchdog) or a task has waited uninterruptibly for minutes (the hung-task detector: an L1
+whose CPU never left a stuck L2 showed only that, for its pytest process blocked in KVM).  The kernel
+still runs, but whatever waits on that CPU or task waits forever."""
 
 
 def stall_line(text: str) -> str | None:

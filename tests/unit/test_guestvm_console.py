@@ -35,3 +35,10 @@ def test_soft_lockups_count_and_ordinary_lines_do_not(tmp_path: Path) -> None:
     console.write(STALL)
     assert console.stall == "[  50.2] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [modprobe:123]"
     console.close()
+
+
+def test_a_hung_task_report_counts_as_a_stall(tmp_path: Path) -> None:
+    console = Console(tmp_path / "console.log")
+    console.write(b"[  489.200138] INFO: task python3:513 blocked for more than 124 seconds.\n")
+    assert console.stall == "[  489.200138] INFO: task python3:513 blocked for more than 124 seconds."
+    console.close()
