@@ -50,7 +50,6 @@ log = logging.getLogger("hvlab.net")
 FLOW_MAGIC = b"HVFL"
 FLOW_HEADER = struct.Struct("!4sIQQ")
 ETH_IPV4, ETH_ARP = b"\x08\x00", b"\x08\x06"
-BROADCAST = BROADCAST_MAC
 #: Ethernet + IPv4 + UDP header bytes in front of a flow payload.
 UDP_OVERHEAD = 14 + 20 + 8
 
@@ -136,7 +135,7 @@ def parse_arp(frame: bytes) -> tuple[int, bytes, bytes, bytes] | None:
 
 def build_arp(op: int, sha: bytes, spa: bytes, tha: bytes, tpa: bytes, *, dst: bytes | None = None) -> bytes:
     """An ARP request (op 1, broadcast) or reply (op 2, to ``tha``)."""
-    eth_dst = dst if dst is not None else (BROADCAST if op == 1 else tha)
+    eth_dst = dst if dst is not None else (BROADCAST_MAC if op == 1 else tha)
     return _pad(eth_dst + sha + ETH_ARP + b"\x00\x01\x08\x00\x06\x04" + struct.pack("!H", op)
                 + sha + spa + tha + tpa)
 
@@ -364,7 +363,7 @@ class Endpoint:
                 self._cond.notify_all()
 
     def _for_me(self, frame: bytes) -> bool:
-        return frame[:6] == self._mac_b or frame[:6] == BROADCAST
+        return frame[:6] == self._mac_b or frame[:6] == BROADCAST_MAC
 
     def _handle(self, frame: bytes) -> None:
         etype = frame[12:14]

@@ -99,6 +99,13 @@ class RxQueue:
     stats: Counter[str] = field(default_factory=Counter)
 
 
+_OK_KEYS = {
+    (d, kind): (f"{kind}Pkts{d}OK", f"{kind}Bytes{d}OK", f"{d.lower()}_frames", f"{d.lower()}_bytes")
+    for d in ("Tx", "Rx") for kind in ("ucast", "mcast", "bcast")
+}
+"""(direction, cast) -> the UPT1 packet and byte counter names and the device's frame and byte totals."""
+
+
 class Vmxnet3(PciDevice):
     """A vmxnet3 function. ``msix=False`` offers MSI only (needed for QEMU 11.1.3 hot-unplug)."""
 
@@ -606,13 +613,14 @@ class Vmxnet3(PciDevice):
 
     def _count_ok(self, stats: Counter, direction: str, frame: bytes) -> None:
         """The per-queue UPT1 counters (ucast/mcast/bcast Pkts/Bytes ``direction``OK) and the device's
-        totals for one good frame; ``direction`` is "Tx" or "Rx"."""
+        totals for one good frame; ``direction`` is "Tx" or "Rx".  Per frame, so the counter names are
+        looked up (_OK_KEYS), not formatted."""
         kind = "bcast" if frame[:6] == BROADCAST_MAC else "mcast" if frame[0] & 1 else "ucast"
-        stats[f"{kind}Pkts{direction}OK"] += 1
-        stats[f"{kind}Bytes{direction}OK"] += len(frame)
-        low = direction.lower()
-        self.counters[f"{low}_frames"] += 1
-        self.counters[f"{low}_bytes"] += len(frame)
+        pkts, nbytes, frames, total = _OK_KEYS[direction, kind]
+        stats[pkts] += 1
+        stats[nbytes] += len(frame)
+        self.counters[frames] += 1
+        self.counters[total] += len(frame)
 
     def _emit(self, q: TxQueue, frame: bytes) -> None:
         self._count_ok(q.stats, "Tx", frame)
