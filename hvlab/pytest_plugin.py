@@ -37,6 +37,12 @@ every rerun with the fault that caused it (pytest_terminal_summary below), and a
 its run directory. Needs pytest-rerunfailures (the ``test`` extra)."""
 
 
+L1_TIMEOUT = 2400.0
+"""Default seconds for all L1 work of a session (--hvlab-l1-timeout)."""
+L1_TEST_TIMEOUT = 600.0
+"""Default seconds for one kvm test inside L1 (--hvlab-l1-test-timeout)."""
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("hvlab")
     group.addoption("--hvlab-nested", choices=["auto", "always", "never"], default=None,
@@ -45,11 +51,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--hvlab-kernels", default=",".join(KERNELS),
                     help="kernel labels to fetch before kvm tests run in L1, which has no network "
                          "(default 6.1,6.12,7.3)")
-    group.addoption("--hvlab-l1-timeout", type=float, default=2400.0,
+    group.addoption("--hvlab-l1-timeout", type=float, default=L1_TIMEOUT,
                     help="seconds the shared L1 VM(s) may take for all kvm tests together, a restarted L1 "
-                         "included (default 2400)")
-    group.addoption("--hvlab-l1-test-timeout", type=float, default=600.0,
-                    help="seconds one kvm test may take inside L1, its reruns included (default 600); "
+                         f"included (default {L1_TIMEOUT:.0f})")
+    group.addoption("--hvlab-l1-test-timeout", type=float, default=L1_TEST_TIMEOUT,
+                    help=f"seconds one kvm test may take inside L1, its reruns included (default {L1_TEST_TIMEOUT:.0f}); "
                          "a test over it fails alone instead of stalling the L1 session")
 
 
@@ -112,7 +118,7 @@ class _NestedBatch:
         tw = self.config.get_terminal_writer()
         self.reports = {}
         todo = [item.nodeid for item in self.items]
-        deadline = time.monotonic() + float(self.config.getoption("--hvlab-l1-timeout") or 2400.0)
+        deadline = time.monotonic() + float(self.config.getoption("--hvlab-l1-timeout") or L1_TIMEOUT)
         for attempt in range(1, L1_ATTEMPTS + 1):
             budget = deadline - time.monotonic()
             reports, failure, log_file, timed_out = self._session(workdir, attempt, todo, budget)
@@ -146,7 +152,7 @@ class _NestedBatch:
         log_file = workdir / f"l1-pytest-{attempt}.log"
         (workdir / f"nodeids-{attempt}").write_text("\n".join(nodeids) + "\n")
         rootdir = str(self.config.rootpath)
-        test_timeout = float(self.config.getoption("--hvlab-l1-test-timeout") or 600.0)
+        test_timeout = float(self.config.getoption("--hvlab-l1-test-timeout") or L1_TEST_TIMEOUT)
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--color=no", "-o", "addopts=",
                 "-o", f"timeout={test_timeout:.0f}", "--rootdir", rootdir, _REPORT_OPT, str(report_file), *nodeids]
         tw = self.config.get_terminal_writer()
@@ -224,18 +230,12 @@ class _Progress(threading.Thread):
         self.t0 = time.monotonic()
 
     def run(self) -> None:
-        offset, seen, pending = 0, {}, b""
+        from hvlab.nested.runner import GrowingFile
+
+        reports, seen = GrowingFile(self.path), {}
         while True:
             stopping = self.stop.is_set()
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read()
-            except FileNotFoundError:
-                chunk = b""
-            offset += len(chunk)
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
+            for line in reports.new_lines():
                 self._report(line, seen)
             if stopping:
                 return

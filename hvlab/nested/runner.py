@@ -166,6 +166,25 @@ L1_STARTED = b"hvlab-l1: running"
 """What l1-init prints on its console once the shares are mounted and the command starts."""
 
 
+class GrowingFile:
+    """A file another process (or VM) is still writing: each look returns the complete lines it gained
+    since the last one; a partial last line waits for the next look."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def new_lines(self) -> list[bytes]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        cut = data.rfind(b"\n") + 1
+        self.offset += cut
+        return data[:cut].splitlines()
+
+
 def _watch(proc: subprocess.Popen, console: Path, config: NestedConfig) -> str | None:
     """Wait for QEMU to exit; None if it did, else why the caller must kill it:
 
@@ -177,18 +196,14 @@ def _watch(proc: subprocess.Popen, console: Path, config: NestedConfig) -> str |
     """
     t0 = time.monotonic()
     started = False
-    seen = 0
+    log = GrowingFile(console)
     while proc.poll() is None:
         elapsed = time.monotonic() - t0
         if elapsed > config.timeout:
             return "timeout"
-        with open(console, "rb") as f:
-            f.seek(seen)
-            new = f.read()
-        cut = new.rfind(b"\n") + 1  # whole lines only; the rest is read again next time
-        seen += cut
-        text = new[:cut].decode(errors="replace")
-        started = started or L1_STARTED.decode() in text
+        lines = log.new_lines()
+        started = started or any(L1_STARTED in line for line in lines)
+        text = b"\n".join(lines).decode(errors="replace")
         stall = stall_line(text)
         if stall is not None:
             return stall
