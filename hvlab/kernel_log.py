@@ -13,9 +13,20 @@ whose CPU never left a stuck L2 showed only that, for its pytest process blocked
 still runs, but whatever waits on that CPU or task waits forever."""
 
 
-def stall_line(text: str) -> str | None:
-    """The first line of ``text`` that reports a stalled CPU, or None."""
+OOPS_MARKS = ("Oops:", "general protection fault", "BUG: unable to handle", "kernel BUG at")
+"""Lines by which a kernel says it killed a task for a fault in kernel code.  In L1 that task may have
+held a lock KVM or 9p needs, or been the test session itself: the nested runner treats it as fatal (an
+L2 guest's oops is the test's business)."""
+
+
+def first_line(text: str, marks: tuple[str, ...]) -> str | None:
+    """The first line of ``text`` containing one of ``marks``, stripped, or None."""
     for line in text.splitlines():
-        if any(mark in line for mark in STALL_MARKS):
+        if any(mark in line for mark in marks):
             return line.strip()
     return None
+
+
+def stall_line(text: str) -> str | None:
+    """The first line of ``text`` that reports a stalled CPU or a hung task, or None."""
+    return first_line(text, STALL_MARKS)

@@ -41,6 +41,9 @@ L1_TIMEOUT = 2400.0
 """Default seconds for all L1 work of a session (--hvlab-l1-timeout)."""
 L1_TEST_TIMEOUT = 600.0
 """Default seconds for one kvm test inside L1 (--hvlab-l1-test-timeout)."""
+QUIET_MARGIN = 120.0
+"""Seconds beyond one test's timeout that an L1 session may go without any report before the runner
+ends that L1 as stuck (its tests then run in a fresh one)."""
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -166,7 +169,11 @@ class _NestedBatch:
         try:
             os.chdir(rootdir)
             with open(log_file, "w") as log:
-                result = run_nested(argv, NestedConfig(timeout=budget, writable=[workdir]), stdout=log, stderr=log)
+                # L1 pytest writes a report line at every phase of every test, so a report file that stops
+                # growing well past one test's own timeout means the session is stuck beyond its reach
+                nested = NestedConfig(timeout=budget, writable=[workdir], activity=[report_file],
+                                      quiet_timeout=test_timeout + QUIET_MARGIN)
+                result = run_nested(argv, nested, stdout=log, stderr=log)
             tw.line(f"hvlab: L1 session finished in {result.seconds:.0f} s (exit {result.returncode})")
         except HvlabError as exc:
             failure, timed_out = f"the nested runner failed: {exc}", isinstance(exc, NestedTimeout)

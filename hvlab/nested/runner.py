@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hvlab import paths, progress
 from hvlab.errors import HvlabError, KvmUnusable
-from hvlab.kernel_log import stall_line
+from hvlab.kernel_log import OOPS_MARKS, STALL_MARKS, first_line
 
 FILES = Path(__file__).parent / "files"
 L1_KERNEL = "l1-6.12"
@@ -34,7 +34,7 @@ L1_OPTIONAL_MODULES = ["virtio_console", "tun", "veth", "bridge", "af_packet", "
 ENV_PASS_PREFIXES = ("HVLAB_", "PYTHON", "PYTEST", "VIRTUAL_ENV", "PYENV", "CI", "COLUMNS", "LANG", "LC_")
 ENV_PASS = ("PATH", "HOME", "USER", "LOGNAME", "TERM", "TZ", "XDG_CACHE_HOME")
 IN_L1_ENV = "HVLAB_IN_L1"
-L1_CMDLINE = "quiet loglevel=5 tsc=reliable panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1"
+L1_CMDLINE = "quiet loglevel=5 tsc=reliable nokaslr panic=-1 rdinit=/init kvm_amd.nested=1 kvm_amd.npt=1"
 """L1's kernel command line after the console.
 
 - loglevel=5 keeps warnings, among them the stack dumps of an RCU stall report, which say where a stuck
@@ -43,9 +43,13 @@ L1_CMDLINE = "quiet loglevel=5 tsc=reliable panic=-1 rdinit=/init kvm_amd.nested
   the HPET and the TSC with a TCG scheduling delay between them, saw a 2 ms "skew" in the first L2 boot,
   marked the TSC unstable and fell back to the HPET (an emulated MMIO read per clock read); KVM in L1
   then warned "SMP vm created on host with unstable TSC; guest TSC will not be reliable".
+- nokaslr: L1's symbols (``_kallsyms_path``) then name the functions its CPUs are in when a silent L1
+  is killed.
 - ``module.param=value`` reaches that module (l1-init passes them to insmod); ``$HVLAB_L1_APPEND`` adds
   more, for experiments (e.g. ``kvm_amd.npt=0``)."""
 QEMU = "qemu-system-x86_64"
+L1_FATAL_MARKS = STALL_MARKS + OOPS_MARKS
+"""Console lines after which an L1 is killed: a stalled CPU, a hung task, an oops (``hvlab.kernel_log``)."""
 
 
 class NestedTimeout(HvlabError):
@@ -62,6 +66,12 @@ class NestedConfig:
     start_timeout: float = 300.0
     """Seconds L1 may take to boot and start the command (it takes 20-60 s); beyond that it is stuck
     and killed as a crash, so a caller can retry instead of waiting out ``timeout``."""
+    heartbeat_timeout: float = 150.0
+    """Seconds without L1's heartbeat (l1-init prints it every 10 s) after which it is killed as silent."""
+    quiet_timeout: float | None = None
+    """Seconds without growth of the command's output or of ``activity`` files after which L1 is
+    killed as stuck; None: no such limit (a command may legitimately be quiet)."""
+    activity: list[Path] = field(default_factory=list)
     writable: list[Path] = field(default_factory=list)
     keep_dir: Path | None = None
 
@@ -185,32 +195,125 @@ class GrowingFile:
         return data[:cut].splitlines()
 
 
-def _watch(proc: subprocess.Popen, console: Path, config: NestedConfig) -> str | None:
-    """Wait for QEMU to exit; None if it did, else why the caller must kill it:
+L1_ALIVE = b"hvlab-l1: alive"
+"""What l1-init prints every 10 s while the command runs: L1 still schedules tasks."""
 
-    - "timeout": out of ``config.timeout``;
-    - "boot": no command started within ``start_timeout`` (a stuck L1 boot, reported early);
-    - a console line: L1's own kernel reported a stalled CPU.  Under the L0 emulator an L1 CPU can get
-      stuck in kernel mode; every L1 task queued there (an L2 vCPU thread, pytest's main thread) then
-      never runs again and no timeout inside L1 fires, so the L1 is as good as dead.
+
+@dataclass(frozen=True)
+class Verdict:
+    """Why the runner must kill an L1 that is still running."""
+
+    kind: str
+    """"timeout" (out of ``config.timeout``), "boot" (no command started within ``start_timeout``),
+    "silent" (no heartbeat for ``heartbeat_timeout``: no L1 CPU runs tasks any more, so none is left to
+    report it), "quiet" (the command's output and activity files did not grow for ``quiet_timeout``:
+    L1 lives but the command is stuck past its own timeouts) or "kernel" (L1's kernel reported a
+    stalled CPU, a hung task or an oops)."""
+    detail: str
+
+    @property
+    def alive(self) -> bool:
+        """Whether L1's kernel may still run its tasks (so asking it for task dumps can work)."""
+        return self.kind in ("quiet", "kernel")
+
+
+def _sizes(files: list[Path]) -> tuple[int, ...]:
+    out = []
+    for f in files:
+        try:
+            out.append(f.stat().st_size)
+        except OSError:
+            out.append(-1)
+    return tuple(out)
+
+
+def _watch(proc: subprocess.Popen, console: Path, config: NestedConfig,
+           activity: list[Path] | None = None) -> Verdict | None:
+    """Wait for QEMU to exit (None) or for a reason to kill it (a Verdict).
+
+    Under the L0 emulator an L1 CPU can get stuck in kernel mode; every L1 task queued there (an L2
+    vCPU thread, pytest's main thread) then never runs again and no timeout inside L1 fires.  If the
+    other CPU still runs, L1's kernel says so on its console ("kernel"); if none does, the heartbeat
+    stops ("silent"); if L1 runs but the command is stuck anyway, its output stops growing ("quiet").
     """
     t0 = time.monotonic()
     started = False
     log = GrowingFile(console)
+    files = list(activity or [])
+    sizes, grown, beat = _sizes(files), t0, t0
     while proc.poll() is None:
-        elapsed = time.monotonic() - t0
+        now = time.monotonic()
+        elapsed = now - t0
         if elapsed > config.timeout:
-            return "timeout"
+            return Verdict("timeout", f"the L1 VM did not finish within {config.timeout:.0f} s")
         lines = log.new_lines()
-        started = started or any(L1_STARTED in line for line in lines)
-        text = b"\n".join(lines).decode(errors="replace")
-        stall = stall_line(text)
-        if stall is not None:
-            return stall
+        if not started and any(L1_STARTED in line for line in lines):
+            started, beat, grown = True, now, now
+        if any(L1_ALIVE in line for line in lines):
+            beat = now
+        trouble = first_line(b"\n".join(lines).decode(errors="replace"), L1_FATAL_MARKS)
+        if trouble is not None:
+            return Verdict("kernel", f"the L1 VM's kernel reported trouble ({trouble})")
         if not started and elapsed > config.start_timeout:
-            return "boot"
+            return Verdict("boot", f"the L1 VM did not start the command within {config.start_timeout:.0f} s")
+        if started and now - beat > config.heartbeat_timeout:
+            return Verdict("silent", f"the L1 VM went silent (no heartbeat for {now - beat:.0f} s: no L1 CPU "
+                                     "runs tasks any more)")
+        new = _sizes(files)
+        if new != sizes:
+            sizes, grown = new, now
+        if started and config.quiet_timeout is not None and now - grown > config.quiet_timeout:
+            return Verdict("quiet", f"the command in the L1 VM made no progress for {now - grown:.0f} s "
+                                    "(its output and reports stopped growing)")
         time.sleep(0.5)
     return None
+
+
+SYSRQ_DUMPS = "w l"
+"""What an L1 that is alive but stuck is asked to print before it is killed (magic SysRq): w, the
+blocked tasks with their stacks; l, a backtrace of every active CPU."""
+
+
+def _ask_for_task_dumps(xchg: Path, console: Path, wait: float = 20.0) -> None:
+    """Leave a SysRq request in the exchange directory; l1-init's heartbeat loop carries it out and
+    removes the file.  Wait for that (or ``wait`` seconds), then a little for the dump to reach the console."""
+    request = xchg / "sysrq"
+    request.write_text(SYSRQ_DUMPS + "\n")
+    deadline = time.monotonic() + wait
+    while request.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not request.exists():
+        time.sleep(3.0)
+
+
+def _diagnose(verdict: Verdict, xchg: Path, symbols: Path) -> list[str]:
+    """Evidence from an L1 about to be killed: task dumps (if it can still run tasks) on its console,
+    and where its CPUs are (from QEMU), also saved as ``l1-cpus.txt``."""
+    from hvlab.nested.monitor import cpu_report
+    from hvlab.system_map import SystemMap
+
+    if verdict.alive:
+        _ask_for_task_dumps(xchg, xchg / "console.log")
+    try:
+        smap = SystemMap.load(symbols)
+    except OSError:
+        smap = None
+    return cpu_report(xchg / "monitor.sock", smap, xchg / "l1-cpus.txt")
+
+
+def _kallsyms_path(initrd: Path) -> Path:
+    """Where L1's code symbols are kept: beside its initramfs, whose name is a hash of the kernel
+    release, the modules and the init (with ``nokaslr`` and the same modules loaded in the same order,
+    every L1 boot has the same addresses).  Debian's System.map is a stub (the real one is in the -dbg
+    package), so the first L1 on a machine writes its /proc/kallsyms there (about 1.5 s in L1)."""
+    return initrd.with_name(initrd.name.split(".")[0] + ".kallsyms")
+
+
+def _console_tail(console: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(console.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no console log)"
 
 
 def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=None, stderr=None) -> NestedResult:
@@ -223,6 +326,7 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
         raise KvmUnusable(f"the nested runner needs {QEMU} (Debian: apt-get install qemu-system-x86)")
     t0 = time.monotonic()
     vmlinuz, initrd = _l1_kit()
+    symbols = _kallsyms_path(initrd)
     xchg = Path(tempfile.mkdtemp(prefix="hvlab-l1-", dir=config.keep_dir))
     writable = [paths.cache_dir(), *config.writable]
     shares = []
@@ -234,6 +338,7 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
             "-kernel", str(vmlinuz), "-initrd", str(initrd),
             "-append", f"console=ttyS0 {L1_CMDLINE} {os.environ.get('HVLAB_L1_APPEND', '')}".strip(),
             "-serial", f"file:{xchg / 'console.log'}",
+            "-monitor", f"unix:{xchg / 'monitor.sock'},server=on,wait=off",
             "-serial", f"file:{xchg / 'stdout'}",
             "-serial", f"file:{xchg / 'stderr'}",
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
@@ -244,6 +349,8 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
         shares.append(f"{tag} {path}")
         args += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"]
     (xchg / "shares").write_text("\n".join(shares) + "\n")
+    if not symbols.exists():
+        (xchg / "kallsyms-to").write_text(f"{symbols}\n")  # l1-init saves them there, once
     (xchg / "command.sh").write_text(_command_script(argv, os.getcwd(), dict(os.environ)))
     for name in ("stdout", "stderr", "console.log"):
         (xchg / name).touch()
@@ -255,9 +362,13 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     qemu_log = open(xchg / "qemu.log", "wb")  # noqa: SIM115 (closed below; a pipe could fill and block QEMU)
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=qemu_log,
                             start_new_session=True, env={**os.environ, **qemu.env})
-    interrupted, why = False, None
+    interrupted, verdict, evidence = False, None, []
     try:
-        why = _watch(proc, xchg / "console.log", config)
+        verdict = _watch(proc, xchg / "console.log", config,
+                         [xchg / "stdout", xchg / "stderr", *config.activity])
+        if verdict is not None:
+            progress.say(f"{verdict.detail}; collecting evidence before killing it")
+            evidence = _diagnose(verdict, xchg, symbols)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -276,20 +387,17 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
     seconds = time.monotonic() - t0
     if interrupted:
         raise KeyboardInterrupt
-    if why == "timeout":
-        raise NestedTimeout(f"the L1 VM did not finish within {config.timeout:.0f} s and was killed; "
-                         f"its console log: {console}")
-    if why is not None:
-        tail = console.read_text(errors="replace").strip().splitlines()[-15:]
-        what = (f"the L1 VM did not start the command within {config.start_timeout:.0f} s" if why == "boot"
-                else f"the L1 VM's kernel reported a stalled CPU ({why})")
-        raise HvlabError(f"{what} and was killed; console log {console}:\n" + "\n".join(tail))
+    if verdict is not None:
+        where = ("where L1's CPUs were (QEMU's monitor; " + str(xchg / "l1-cpus.txt") + "):\n  "
+                 + "\n  ".join(evidence) + "\n") if evidence else ""
+        message = (f"{verdict.detail} and was killed after {seconds:.0f} s.\n{where}"
+                   f"L1's console ({console}) ends:\n{_console_tail(console)}")
+        raise (NestedTimeout if verdict.kind == "timeout" else HvlabError)(message)
     status_file = xchg / "exit-status"
     if not status_file.exists():
-        tail = console.read_text(errors="replace").strip().splitlines()[-15:]
         raise HvlabError("the L1 VM stopped without running the command to its end "
                          f"(QEMU exit {proc.returncode}{': ' + qemu_out if qemu_out else ''}); "
-                         f"console log {console}:\n" + "\n".join(tail))
+                         f"console log {console}:\n{_console_tail(console)}")
     rc = int(status_file.read_text().strip() or 255)
     if config.keep_dir is None and rc == 0:
         shutil.rmtree(xchg, ignore_errors=True)

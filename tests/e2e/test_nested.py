@@ -1,5 +1,6 @@
 """The nested runner: KVM works inside L1 where it does not on the bare host."""
 
+import io
 import os
 import subprocess
 import sys
@@ -43,3 +44,61 @@ def test_hvlab_exec_hands_back_output_and_status(tmp_path):
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "kvm ok\n"
     assert "to-err" in proc.stderr
+
+
+def _freeze_when_running(result: dict, after: float = 10.0) -> None:
+    """Stop every L1 CPU through QEMU's monitor once the command runs, as a wedged L0 emulator would."""
+    import glob
+    import time
+
+    from hvlab.nested.monitor import hmp
+
+    t0 = time.time()
+    while time.time() - t0 < 300:
+        for d in map(Path, glob.glob(f"{result['dir']}/hvlab-l1-*")):
+            if runner.L1_STARTED in (d / "console.log").read_bytes():
+                time.sleep(after)
+                hmp(d / "monitor.sock", "stop")
+                result["frozen"] = True
+                return
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(runner.in_l1() or runner.l1_qemu() is None, reason="needs the host side with QEMU")
+def test_an_l1_that_goes_silent_is_killed_with_where_its_cpus_were(tmp_path):
+    """Every L1 CPU stuck prints nothing at all (the official CI once waited 39 min on such an L1):
+    the heartbeat's absence ends it, and QEMU's monitor says where its CPUs were, by function name."""
+    import threading
+
+    from hvlab.errors import HvlabError
+
+    state = {"dir": str(tmp_path)}
+    threading.Thread(target=_freeze_when_running, args=(state,), daemon=True).start()
+    config = runner.NestedConfig(memory_mb=1024, timeout=600, heartbeat_timeout=30, keep_dir=tmp_path)
+    with pytest.raises(HvlabError) as exc:
+        runner.run_nested(["sleep", "500"], config, stdout=io.BytesIO(), stderr=io.BytesIO())
+    assert state.get("frozen")
+    text = str(exc.value)
+    assert "went silent" in text and not isinstance(exc.value, runner.NestedTimeout)
+    cpus = [line for line in text.splitlines() if line.strip().startswith("sample ")]
+    assert len(cpus) == 4, text
+    # a frozen idle L1: both CPUs in L1's kernel, named (kallsyms saved by the first L1 on this machine)
+    assert all("RIP 0xffffffff" in line and "+0x" in line for line in cpus), text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(runner.in_l1() or runner.l1_qemu() is None, reason="needs the host side with QEMU")
+def test_an_l1_whose_command_is_stuck_is_killed_with_its_task_dumps(tmp_path):
+    """L1 alive but its command past every timeout: the command's silence ends it, after L1 printed
+    its blocked tasks and CPU backtraces (magic SysRq, asked for through the exchange directory)."""
+    from hvlab.errors import HvlabError
+
+    config = runner.NestedConfig(memory_mb=1024, timeout=600, quiet_timeout=20, keep_dir=tmp_path)
+    with pytest.raises(HvlabError) as exc:
+        runner.run_nested(["sh", "-c", "echo started; sleep 500"], config,
+                          stdout=io.BytesIO(), stderr=io.BytesIO())
+    assert "made no progress for" in str(exc.value)
+    console = next(tmp_path.glob("hvlab-l1-*/console.log")).read_text(errors="replace")
+    assert "sysrq: Show Blocked State" in console, console[-3000:]
+    assert "NMI backtrace for cpu" in console or "sysrq: Show backtrace of all active CPUs" in console
