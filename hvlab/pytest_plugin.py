@@ -91,7 +91,7 @@ class _RemoteReporter:
         self.file.close()
 
 
-L1_ATTEMPTS = 3
+L1_ATTEMPTS = 5
 """L1 VMs per session at most: each after the first runs only what a crashed one left unfinished."""
 
 

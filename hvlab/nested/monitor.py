@@ -54,6 +54,8 @@ class CpuState:
     rip: int
     cpl: int | None
     halted: bool | None
+    interrupts: bool | None = None
+    """RFLAGS.IF: a CPU halted with interrupts on waits for one; with them off, forever."""
 
     def describe(self, symbols: SystemMap | None) -> str:
         where = symbols.lookup(self.rip) if symbols is not None else None
@@ -62,7 +64,8 @@ class CpuState:
                      "outside L1's kernel text (a module, or an L2 guest this CPU was running)")
         state = " halted" if self.halted else ""
         cpl = f" CPL{self.cpl}" if self.cpl is not None else ""
-        return f"CPU {self.index}: RIP {self.rip:#x} {where}{cpl}{state}"
+        flag = "" if self.interrupts is None else f" IF={int(self.interrupts)}"
+        return f"CPU {self.index}: RIP {self.rip:#x} {where}{cpl}{flag}{state}"
 
 
 _CPU = re.compile(r"^CPU#(\d+)", re.M)
@@ -79,14 +82,34 @@ def parse_registers(text: str) -> list[CpuState]:
             continue
         cpl = re.search(r"\bCPL=(\d)", block)
         hlt = re.search(r"\bHLT=(\d)", block)
+        rfl = re.search(r"\b[RE]FL=([0-9a-fA-F]+)", block)
         cpus.append(CpuState(int(head.group(1)), int(rip.group(1), 16),
-                             int(cpl.group(1)) if cpl else None, hlt.group(1) == "1" if hlt else None))
+                             int(cpl.group(1)) if cpl else None, hlt.group(1) == "1" if hlt else None,
+                             bool(int(rfl.group(1), 16) & 0x200) if rfl else None))
     return cpus
 
 
+def lapic_summary(text: str) -> str:
+    """One line from ``info lapic N``: the timer (mode, vector, mask, counts), IRR, ISR, TPR and PPR.
+    A halted CPU with interrupts on and nothing in IRR waits for a timer; whether that timer counts
+    down between two samples says whether it will ever come."""
+    def field(pattern: str) -> str | None:
+        m = re.search(pattern, text, re.M)
+        return m.group(1).strip() if m else None
+
+    lvtt = field(r"^LVTT\s+0x[0-9a-f]+\s+(.*)$")
+    timer = field(r"^Timer\s+(.*)$")
+    irr, isr = field(r"^IRR\s+(.*)$"), field(r"^ISR\s+(.*)$")
+    prio = field(r"^(APR .*)$")
+    parts = [f"LVTT {' '.join(lvtt.split())}" if lvtt else None, f"timer {timer}" if timer else None,
+             f"IRR {irr}" if irr else None, f"ISR {isr}" if isr else None, prio]
+    return "; ".join(p for p in parts if p) or "no LAPIC state"
+
+
 def cpu_report(path: Path, symbols: SystemMap | None, out: Path, timeout: float = 10.0) -> list[str]:
-    """Ask QEMU twice, a second apart, where every CPU is: one line per CPU and sample (a CPU at the
-    same place twice is stuck there, one that moved is looping), the raw registers saved to ``out``.
+    """Ask QEMU twice, a second apart, where every CPU is and what its local APIC holds: lines per CPU
+    and sample (a CPU at the same place twice is stuck there, one that moved is looping; a timer whose
+    count did not move will never fire), the raw output saved to ``out``.
     A QEMU that does not answer is reported as such."""
     lines, raw = [], []
     for sample in (1, 2):
@@ -95,7 +118,14 @@ def cpu_report(path: Path, symbols: SystemMap | None, out: Path, timeout: float 
         except OSError as exc:
             return [*lines, f"QEMU's monitor did not answer ({type(exc).__name__}: {exc}): QEMU itself is stuck"]
         raw.append(f"# sample {sample}\n{text}\n")
-        lines += [f"sample {sample}: {cpu.describe(symbols)}" for cpu in parse_registers(text)]
+        for cpu in parse_registers(text):
+            lines.append(f"sample {sample}: {cpu.describe(symbols)}")
+            try:
+                lapic = hmp(path, f"info lapic {cpu.index}", timeout)
+            except OSError:
+                continue
+            raw.append(f"# sample {sample}, info lapic {cpu.index}\n{lapic}\n")
+            lines.append(f"sample {sample}: CPU {cpu.index} LAPIC: {lapic_summary(lapic)}")
         if sample == 1:
             time.sleep(1.0)
     out.write_text("".join(raw))

@@ -81,8 +81,10 @@ def test_an_l1_that_goes_silent_is_killed_with_where_its_cpus_were(tmp_path):
     assert state.get("frozen")
     text = str(exc.value)
     assert "went silent" in text and not isinstance(exc.value, runner.NestedTimeout)
-    cpus = [line for line in text.splitlines() if line.strip().startswith("sample ")]
+    cpus = [line for line in text.splitlines() if line.strip().startswith("sample ") and " RIP " in line]
     assert len(cpus) == 4, text
+    lapics = [line for line in text.splitlines() if " LAPIC: " in line]
+    assert len(lapics) == 4 and all("LVTT" in line and "timer" in line for line in lapics), text
     # a frozen idle L1: both CPUs in L1's kernel, named (kallsyms saved by the first L1 on this machine)
     assert all("RIP 0xffffffff" in line and "+0x" in line for line in cpus), text
 
