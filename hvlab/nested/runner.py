@@ -66,7 +66,7 @@ class NestedConfig:
     start_timeout: float = 300.0
     """Seconds L1 may take to boot and start the command (it takes 20-60 s); beyond that it is stuck
     and killed as a crash, so a caller can retry instead of waiting out ``timeout``."""
-    heartbeat_timeout: float = 150.0
+    heartbeat_timeout: float = 90.0
     """Seconds without L1's heartbeat (l1-init prints it every 10 s) after which it is killed as silent."""
     quiet_timeout: float | None = None
     """Seconds without growth of the command's output or of ``activity`` files after which L1 is
