@@ -3,6 +3,8 @@ nested runner (L1's own console) alike."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 PANIC_MARK = b"Kernel panic - not syncing"
 
 STALL_MARKS = ("detected stalls on CPUs", "self-detected stall on CPU", "BUG: soft lockup",
@@ -30,3 +32,11 @@ def first_line(text: str, marks: tuple[str, ...]) -> str | None:
 def stall_line(text: str) -> str | None:
     """The first line of ``text`` that reports a stalled CPU or a hung task, or None."""
     return first_line(text, STALL_MARKS)
+
+
+def console_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a console log, for an error message (a missing log says so)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return "(no console log)"

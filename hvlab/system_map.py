@@ -41,8 +41,9 @@ class SystemMap:
         return cls.parse(path.read_text(errors="replace"))
 
     def lookup(self, address: int) -> str | None:
-        """``name+0xoff`` of the code symbol at or below ``address``; None outside the map's text (user
-        space, modules, or beyond the last symbol by more than a page-sized function could be)."""
+        """``name+0xoff`` of the code symbol at or below ``address``; None below the first symbol (user
+        space) or more than 1 MiB past the nearest one (no function is that long: code the map lacks,
+        such as an L2 guest's kernel)."""
         i = bisect.bisect_right(self.addresses, address) - 1
         if i < 0:
             return None
@@ -50,4 +51,3 @@ class SystemMap:
         if offset > 0x100000:
             return None
         return f"{self.names[i]}+{offset:#x}"
-

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hvlab import paths, progress
 from hvlab.errors import HvlabError, KvmUnusable
-from hvlab.kernel_log import OOPS_MARKS, STALL_MARKS, first_line
+from hvlab.kernel_log import OOPS_MARKS, STALL_MARKS, console_tail, first_line
 
 FILES = Path(__file__).parent / "files"
 L1_KERNEL = "l1-6.12"
@@ -274,7 +274,7 @@ SYSRQ_DUMPS = "w l"
 blocked tasks with their stacks; l, a backtrace of every active CPU."""
 
 
-def _ask_for_task_dumps(xchg: Path, console: Path, wait: float = 20.0) -> None:
+def _ask_for_task_dumps(xchg: Path, wait: float = 20.0) -> None:
     """Leave a SysRq request in the exchange directory; l1-init's heartbeat loop carries it out and
     removes the file.  Wait for that (or ``wait`` seconds), then a little for the dump to reach the console."""
     request = xchg / "sysrq"
@@ -293,7 +293,7 @@ def _diagnose(verdict: Verdict, xchg: Path, symbols: Path) -> list[str]:
     from hvlab.system_map import SystemMap
 
     if verdict.alive:
-        _ask_for_task_dumps(xchg, xchg / "console.log")
+        _ask_for_task_dumps(xchg)
     try:
         smap = SystemMap.load(symbols)
     except OSError:
@@ -307,13 +307,6 @@ def _kallsyms_path(initrd: Path) -> Path:
     every L1 boot has the same addresses).  Debian's System.map is a stub (the real one is in the -dbg
     package), so the first L1 on a machine writes its /proc/kallsyms there (about 1.5 s in L1)."""
     return initrd.with_name(initrd.name.split(".")[0] + ".kallsyms")
-
-
-def _console_tail(console: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(console.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return "(no console log)"
 
 
 def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=None, stderr=None) -> NestedResult:
@@ -391,13 +384,13 @@ def run_nested(argv: list[str], config: NestedConfig | None = None, *, stdout=No
         where = ("where L1's CPUs were (QEMU's monitor; " + str(xchg / "l1-cpus.txt") + "):\n  "
                  + "\n  ".join(evidence) + "\n") if evidence else ""
         message = (f"{verdict.detail} and was killed after {seconds:.0f} s.\n{where}"
-                   f"L1's console ({console}) ends:\n{_console_tail(console)}")
+                   f"L1's console ({console}) ends:\n{console_tail(console)}")
         raise (NestedTimeout if verdict.kind == "timeout" else HvlabError)(message)
     status_file = xchg / "exit-status"
     if not status_file.exists():
         raise HvlabError("the L1 VM stopped without running the command to its end "
                          f"(QEMU exit {proc.returncode}{': ' + qemu_out if qemu_out else ''}); "
-                         f"console log {console}:\n{_console_tail(console)}")
+                         f"console log {console}:\n{console_tail(console)}")
     rc = int(status_file.read_text().strip() or 255)
     if config.keep_dir is None and rc == 0:
         shutil.rmtree(xchg, ignore_errors=True)

@@ -261,10 +261,3 @@ class QemuVfGuest:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def console_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""

@@ -148,7 +148,7 @@ def test_task_dump_request_waits_for_l1_to_take_it(tmp_path):
         request.unlink()
 
     threading.Thread(target=l1, daemon=True).start()
-    _ask_for_task_dumps(tmp_path, tmp_path / "console.log", wait=5)
+    _ask_for_task_dumps(tmp_path, wait=5)
     assert taken == [["w", "l"]]
     assert not (tmp_path / "sysrq").exists()
 
